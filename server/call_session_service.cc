@@ -1,0 +1,201 @@
+#include "server/call_session_service.h"
+
+#include <memory>
+#include <optional>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "server/grpc_edge.h"
+
+namespace callsession {
+namespace {
+
+// Streams one application's events: at most one write in flight; when the
+// queue runs dry it waits for EventSink::OnEventsAvailable. Finish is only
+// ever called with no write in flight, so gRPC cannot run OnDone (and the
+// reactor cannot be released) between our decision to write and StartWrite.
+//
+// Ownership: the reactor owns itself through self_ from creation to OnDone;
+// the event queue may hold further references, which keep a finished
+// reactor's memory valid but never write again.
+class WatchEventsReactor final
+    : public grpc::ServerWriteReactor<v1::WatchEventsResponse>,
+      public EventSink {
+ public:
+  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
+      CallSessionCore& core, absl::string_view token) {
+    auto reactor = std::make_shared<WatchEventsReactor>();
+    reactor->self_ = reactor;
+    absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
+        core.WatchEvents(token, reactor);
+    if (!subscription.ok()) {
+      reactor->End(ToGrpcStatus(subscription.status()));
+    } else {
+      {
+        absl::MutexLock lock(&reactor->mu_);
+        reactor->subscription_ = *std::move(subscription);
+      }
+      reactor->Pump();
+    }
+    return reactor.get();
+  }
+
+  void OnEventsAvailable() override { Pump(); }
+
+  void OnSubscriptionEnded(const absl::Status& why) override {
+    End(ToGrpcStatus(why));
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        pending_finish_ = grpc::Status(grpc::StatusCode::CANCELLED,
+                                       "the event stream broke");
+      }
+      finish = TakePendingFinishLocked();
+    }
+    if (finish.has_value()) {
+      Finish(*finish);
+      return;
+    }
+    Pump();
+  }
+
+  void OnCancel() override {
+    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+  }
+
+  void OnDone() override {
+    std::unique_ptr<EventSubscription> subscription;
+    std::shared_ptr<WatchEventsReactor> self;
+    {
+      absl::MutexLock lock(&mu_);
+      subscription = std::move(subscription_);
+      self = std::move(self_);
+    }
+    // `self` may be the last reference: nothing may touch members below.
+  }
+
+ private:
+  void Pump() {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || writing_ || subscription_ == nullptr) return;
+      if (!subscription_->Next(response_.mutable_event())) return;
+      writing_ = true;
+    }
+    StartWrite(&response_);
+  }
+
+  // Finishes now, or after the write in flight completes.
+  void End(grpc::Status status) {
+    std::optional<grpc::Status> finish;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || pending_finish_.has_value()) return;
+      pending_finish_ = std::move(status);
+      if (writing_) return;
+      finish = TakePendingFinishLocked();
+    }
+    if (finish.has_value()) Finish(*finish);
+  }
+
+  std::optional<grpc::Status> TakePendingFinishLocked()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || !pending_finish_.has_value()) return std::nullopt;
+    finished_ = true;
+    return std::exchange(pending_finish_, std::nullopt);
+  }
+
+  absl::Mutex mu_;
+  std::shared_ptr<WatchEventsReactor> self_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<EventSubscription> subscription_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
+  // Written only while no write is in flight (writing_ false, under mu_).
+  v1::WatchEventsResponse response_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(
+    grpc::CallbackServerContext* context, const v1::InitializeRequest* request,
+    v1::InitializeResponse* response) {
+  return FinishUnary(context, core_.Initialize(*request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(
+    grpc::CallbackServerContext* context, const v1::ShutdownRequest* request,
+    v1::ShutdownResponse* response) {
+  return FinishUnary(context, core_.Shutdown(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::LineOpen(
+    grpc::CallbackServerContext* context, const v1::LineOpenRequest* request,
+    v1::LineOpenResponse* response) {
+  return FinishUnary(context, core_.LineOpen(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::LineClose(
+    grpc::CallbackServerContext* context, const v1::LineCloseRequest* request,
+    v1::LineCloseResponse* response) {
+  return FinishUnary(context, core_.LineClose(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::MakeCall(
+    grpc::CallbackServerContext* context, const v1::MakeCallRequest* request,
+    v1::MakeCallResponse* response) {
+  return FinishUnary(context, core_.MakeCall(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::Answer(
+    grpc::CallbackServerContext* context, const v1::AnswerRequest* request,
+    v1::AnswerResponse* response) {
+  return FinishUnary(context, core_.Answer(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::Drop(
+    grpc::CallbackServerContext* context, const v1::DropRequest* request,
+    v1::DropResponse* response) {
+  return FinishUnary(context, core_.Drop(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallInfo(
+    grpc::CallbackServerContext* context, const v1::GetCallInfoRequest* request,
+    v1::GetCallInfoResponse* response) {
+  return FinishUnary(context,
+                     core_.GetCallInfo(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallStatus(
+    grpc::CallbackServerContext* context, const v1::GetCallStatusRequest* request,
+    v1::GetCallStatusResponse* response) {
+  return FinishUnary(context,
+                     core_.GetCallStatus(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::DeallocateCall(
+    grpc::CallbackServerContext* context, const v1::DeallocateCallRequest* request,
+    v1::DeallocateCallResponse* response) {
+  return FinishUnary(context,
+                     core_.DeallocateCall(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(
+    grpc::CallbackServerContext* context, const v1::GetNewCallsRequest* request,
+    v1::GetNewCallsResponse* response) {
+  return FinishUnary(context,
+                     core_.GetNewCalls(BearerToken(*context), *request, response));
+}
+
+grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(
+    grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
+  return WatchEventsReactor::Start(core_, BearerToken(*context));
+}
+
+}  // namespace callsession

@@ -1,0 +1,860 @@
+#include "server/core/call_session_core.h"
+
+#include <sys/random.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/timestamp.pb.h"
+#include "server/core/status_macros.h"
+#include "server/core/tapi_error.h"
+
+namespace callsession {
+namespace {
+
+using v1::CallPrivilege;
+using v1::CallState;
+
+constexpr size_t kMaxAddressBytes = 128;
+constexpr size_t kMaxAppNameBytes = 128;
+constexpr size_t kMaxRequestIdBytes = 128;
+constexpr uint32_t kMaxDevices = 1 << 20;
+// An app token is the app handle (16 hex digits) then a 128-bit secret (32).
+constexpr size_t kTokenHandleDigits = 16;
+constexpr size_t kTokenLength = kTokenHandleDigits + 32;
+
+bool IsPrintableAscii(absl::string_view s) {
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return c >= 0x20 && c <= 0x7e; });
+}
+
+absl::Status CheckAddress(absl::string_view field, absl::string_view value,
+                          bool allow_empty) {
+  if (value.empty() && !allow_empty) {
+    return TapiError(TapiErrorCode::kInvalAddress, absl::StrCat(field, " is empty"));
+  }
+  if (value.size() > kMaxAddressBytes) {
+    return TapiError(TapiErrorCode::kInvalAddress,
+                     absl::StrCat(field, " is over ", kMaxAddressBytes, " bytes"));
+  }
+  if (!IsPrintableAscii(value)) {
+    return TapiError(TapiErrorCode::kInvalAddress,
+                     absl::StrCat(field, " has a byte that is not printable ASCII"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status InvalidCallHandle() {
+  return TapiError(TapiErrorCode::kInvalCallHandle, "no such call handle");
+}
+
+absl::Status InvalidLineHandle() {
+  return TapiError(TapiErrorCode::kInvalLineHandle, "no such line handle");
+}
+
+absl::Status Unauthenticated(absl::string_view why) {
+  return TapiError(TapiErrorCode::kUninitialized, why);
+}
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+// Parses lower-case hex into `out` (out_size bytes); false on a bad digit.
+bool ParseHex(absl::string_view hex, uint8_t* out, size_t out_size) {
+  if (hex.size() != 2 * out_size) return false;
+  for (size_t i = 0; i < out_size; ++i) {
+    int hi = HexValue(hex[2 * i]);
+    int lo = HexValue(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return false;
+    out[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  return true;
+}
+
+void AppendHex(const uint8_t* data, size_t size, std::string* out) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  for (size_t i = 0; i < size; ++i) {
+    out->push_back(kDigits[data[i] >> 4]);
+    out->push_back(kDigits[data[i] & 0xf]);
+  }
+}
+
+// Compares without an early exit, so the time taken does not tell an
+// attacker how much of a guessed secret was right.
+bool ConstantTimeEquals(const uint8_t* a, const uint8_t* b, size_t size) {
+  volatile uint8_t diff = 0;
+  for (size_t i = 0; i < size; ++i) diff = diff | (a[i] ^ b[i]);
+  return diff == 0;
+}
+
+absl::StatusOr<std::array<uint8_t, 16>> RandomSecret() {
+  std::array<uint8_t, 16> secret;
+  size_t filled = 0;
+  while (filled < secret.size()) {
+    ssize_t n = getrandom(secret.data() + filled, secret.size() - filled, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return absl::InternalError("getrandom failed");
+    }
+    filled += static_cast<size_t>(n);
+  }
+  return secret;
+}
+
+void SetTimestamp(absl::Time time, google::protobuf::Timestamp* out) {
+  const int64_t nanos = absl::ToUnixNanos(time);
+  int64_t seconds = nanos / 1000000000;
+  int64_t rest = nanos % 1000000000;
+  if (rest < 0) {
+    rest += 1000000000;
+    --seconds;
+  }
+  out->set_seconds(seconds);
+  out->set_nanos(static_cast<int32_t>(rest));
+}
+
+// The holder of `handle` if `app` holds it, else nullptr.
+Holder* FindHolderLocked(Call& call, uint64_t handle, const App* app)
+    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  for (Holder& holder : call.holders) {
+    if (holder.handle == handle) return holder.app == app ? &holder : nullptr;
+  }
+  return nullptr;
+}
+
+bool HoldsLocked(const Call& call, const App* app)
+    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  return std::any_of(call.holders.begin(), call.holders.end(),
+                     [app](const Holder& h) { return h.app == app; });
+}
+
+size_t CountLocked(const Call& call, CallPrivilege privilege)
+    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  return std::count_if(
+      call.holders.begin(), call.holders.end(),
+      [privilege](const Holder& h) { return h.privilege == privilege; });
+}
+
+// True if `holder` is the call's only owner: then the call is its app's
+// alone, and that app may not walk away from it while it is live.
+bool IsSoleOwnerLocked(const Call& call, const Holder& holder)
+    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  return holder.privilege == v1::CALL_PRIVILEGE_OWNER &&
+         CountLocked(call, v1::CALL_PRIVILEGE_OWNER) == 1;
+}
+
+}  // namespace
+
+absl::Status ValidateCoreOptions(const CoreOptions& options) {
+  if (options.num_devices < 1 || options.num_devices > kMaxDevices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("devices must be between 1 and ", kMaxDevices, ", got ",
+                     options.num_devices));
+  }
+  if (options.shards < 1 || options.shards > (1 << 16) ||
+      (options.shards & (options.shards - 1)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shards must be a power of two between 1 and 65536, got ", options.shards));
+  }
+  if (options.event_queue_limit < 1) {
+    return absl::InvalidArgumentError("event_queue_limit must be at least 1");
+  }
+  if (options.clock == nullptr) {
+    return absl::InvalidArgumentError("clock must be set");
+  }
+  return absl::OkStatus();
+}
+
+EventSubscription::EventSubscription(CallSessionCore* core,
+                                     std::shared_ptr<App> app,
+                                     std::shared_ptr<EventSink> sink)
+    : core_(core), app_(std::move(app)), sink_(std::move(sink)) {
+  absl::MutexLock lock(&core_->subscriptions_mu_);
+  core_->subscriptions_.insert(this);
+}
+
+EventSubscription::~EventSubscription() {
+  {
+    absl::MutexLock lock(&core_->subscriptions_mu_);
+    core_->subscriptions_.erase(this);
+  }
+  app_->events.Detach(sink_.get());
+}
+
+bool EventSubscription::Next(v1::Event* event) {
+  return app_->events.Next(sink_.get(), event);
+}
+
+CallSessionCore::CallSessionCore(CoreOptions options,
+                                 std::unique_ptr<SessionStore> store)
+    : options_(std::move(options)),
+      store_(store != nullptr ? std::move(store)
+                              : NewShardedMemoryStore(options_.shards)) {
+  devices_.reserve(options_.num_devices);
+  for (uint32_t id = 0; id < options_.num_devices; ++id) {
+    devices_.push_back(std::make_unique<Device>(id));
+  }
+}
+
+CallSessionCore::~CallSessionCore() = default;
+
+// ---------------------------------------------------------------------------
+// Lookups.
+
+absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(
+    absl::string_view token) const {
+  uint8_t handle_bytes[8];
+  std::array<uint8_t, 16> secret;
+  if (token.size() != kTokenLength ||
+      !ParseHex(token.substr(0, kTokenHandleDigits), handle_bytes, 8) ||
+      !ParseHex(token.substr(kTokenHandleDigits), secret.data(), 16)) {
+    return Unauthenticated("missing or malformed app token");
+  }
+  uint64_t handle = 0;
+  for (uint8_t byte : handle_bytes) handle = handle << 8 | byte;
+  std::shared_ptr<App> app = store_->FindApp(handle);
+  if (app == nullptr ||
+      !ConstantTimeEquals(app->secret.data(), secret.data(), secret.size())) {
+    return Unauthenticated("unknown app token");
+  }
+  return app;
+}
+
+absl::Status CallSessionCore::AuthenticateProvider(absl::string_view token) const {
+  const std::string& expected = options_.provider_token;
+  if (expected.empty()) {
+    return Unauthenticated("this server has no provider token configured");
+  }
+  if (token.size() != expected.size() ||
+      !ConstantTimeEquals(reinterpret_cast<const uint8_t*>(token.data()),
+                          reinterpret_cast<const uint8_t*>(expected.data()),
+                          expected.size())) {
+    return Unauthenticated("missing or wrong provider token");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Device*> CallSessionCore::FindDevice(uint32_t device_id) const {
+  if (device_id >= devices_.size()) {
+    return TapiError(TapiErrorCode::kBadDeviceId,
+                     absl::StrCat("device_id ", device_id, " is not below ",
+                                  devices_.size()));
+  }
+  return devices_[device_id].get();
+}
+
+absl::StatusOr<std::shared_ptr<Line>> CallSessionCore::FindOwnLine(
+    const App& app, uint64_t line_handle) const {
+  std::shared_ptr<Line> line =
+      line_handle == 0 ? nullptr : store_->FindLine(line_handle);
+  if (line == nullptr || line->app.get() != &app) return InvalidLineHandle();
+  return line;
+}
+
+absl::StatusOr<std::shared_ptr<Call>> CallSessionCore::FindCallOfHandle(
+    uint64_t call_handle) const {
+  std::shared_ptr<Call> call =
+      call_handle == 0 ? nullptr : store_->FindCallHandle(call_handle);
+  if (call == nullptr) return InvalidCallHandle();
+  return call;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers that change calls and lines.
+
+v1::Event CallSessionCore::NewEvent() const {
+  v1::Event event;
+  SetTimestamp(options_.clock->Now(), event.mutable_time());
+  return event;
+}
+
+uint64_t CallSessionCore::AddHolderLocked(const std::shared_ptr<Call>& call,
+                                          Line& line, CallPrivilege privilege) {
+  const uint64_t handle = store_->AddCallHandle(call);
+  call->holders.push_back(Holder{handle, line.app.get(), &line, privilege});
+  {
+    absl::MutexLock lock(&line.mu);
+    line.call_handles.insert(handle);
+  }
+  call_handles_created_.fetch_add(1, std::memory_order_relaxed);
+  return handle;
+}
+
+void CallSessionCore::RemoveHolderLocked(Call& call, size_t index) {
+  store_->RemoveCallHandle(call.holders[index].handle);
+  call.holders.erase(call.holders.begin() + index);
+  call_handles_voided_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void CallSessionCore::SetStateLocked(Call& call, CallState state,
+                                     EventPublisher& events) {
+  call.state = state;
+  call.state_entry_time = options_.clock->Now();
+  if (state == v1::CALL_STATE_CONNECTED) call.connected = true;
+  for (const Holder& holder : call.holders) {
+    v1::Event event = NewEvent();
+    v1::CallStateEvent* change = event.mutable_call_state();
+    change->set_call_handle(holder.handle);
+    change->set_call_state(state);
+    events.Push(holder.app->events, std::move(event));
+  }
+}
+
+void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder,
+                                        EventPublisher& events) {
+  v1::Event event = NewEvent();
+  v1::AppNewCallEvent* new_call = event.mutable_app_new_call();
+  new_call->set_line_handle(holder.line->handle);
+  new_call->set_call_handle(holder.handle);
+  new_call->set_call_privilege(holder.privilege);
+  new_call->set_call_id(call.id);
+  events.Push(holder.app->events, std::move(event));
+}
+
+bool CallSessionCore::MarkFreedIfDoneLocked(Call& call) {
+  if (call.freed || call.state != v1::CALL_STATE_IDLE || !call.holders.empty()) {
+    return false;
+  }
+  call.freed = true;
+  return true;
+}
+
+void CallSessionCore::FreeCall(const Call& call) {
+  Device& device = *devices_[call.device_id];
+  {
+    absl::MutexLock lock(&device.mu);
+    device.calls.erase(const_cast<Call*>(&call));
+  }
+  store_->RemoveCall(call.id);
+  calls_freed_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool CallSessionCore::DetachLineLocked(Line& line,
+                                       std::vector<uint64_t>* handles) {
+  if (!line.open) return false;
+  line.open = false;
+  Device& device = *line.device;
+  device.owner_lines.erase(line.open_order);
+  device.monitor_lines.erase(line.open_order);
+  {
+    absl::MutexLock lock(&line.mu);
+    handles->assign(line.call_handles.begin(), line.call_handles.end());
+    line.call_handles.clear();
+  }
+  {
+    absl::MutexLock lock(&line.app->mu);
+    line.app->line_handles.erase(line.handle);
+  }
+  store_->RemoveLine(line.handle);
+  // Last: this may hold the only other reference to the line.
+  device.lines.erase(line.open_order);
+  return true;
+}
+
+void CallSessionCore::VoidHandlesOfClosedLine(
+    const std::vector<uint64_t>& handles, EventPublisher& events) {
+  for (uint64_t handle : handles) {
+    std::shared_ptr<Call> call = store_->FindCallHandle(handle);
+    if (call == nullptr) continue;  // deallocated meanwhile
+    bool free_call = false;
+    {
+      absl::MutexLock lock(&call->mu);
+      auto it = std::find_if(call->holders.begin(), call->holders.end(),
+                             [handle](const Holder& h) { return h.handle == handle; });
+      if (it == call->holders.end()) continue;
+      const bool drop = IsSoleOwnerLocked(*call, *it) &&
+                        call->state != v1::CALL_STATE_IDLE;
+      RemoveHolderLocked(*call, it - call->holders.begin());
+      if (drop) {
+        SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
+        calls_dropped_by_line_close_.fetch_add(1, std::memory_order_relaxed);
+      }
+      free_call = MarkFreedIfDoneLocked(*call);
+    }
+    if (free_call) FreeCall(*call);
+  }
+}
+
+bool CallSessionCore::CloseLine(Line& line, EventPublisher& events) {
+  std::vector<uint64_t> handles;
+  {
+    absl::MutexLock lock(&line.device->mu);
+    if (!DetachLineLocked(line, &handles)) return false;
+  }
+  VoidHandlesOfClosedLine(handles, events);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// CallSessionService.
+
+absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
+                                         v1::InitializeResponse* response) {
+  const std::string& name = request.app_name();
+  if (name.size() > kMaxAppNameBytes || !IsPrintableAscii(name)) {
+    return TapiError(TapiErrorCode::kInvalAppName,
+                     absl::StrCat("app_name must be at most ", kMaxAppNameBytes,
+                                  " printable ASCII bytes"));
+  }
+  CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
+  const uint64_t handle = store_->AddApp([&](uint64_t handle) {
+    return std::make_shared<App>(handle, name, secret, options_.event_queue_limit);
+  });
+  uint8_t handle_bytes[8];
+  for (int i = 0; i < 8; ++i) handle_bytes[i] = static_cast<uint8_t>(handle >> (56 - 8 * i));
+  std::string token;
+  token.reserve(kTokenLength);
+  AppendHex(handle_bytes, sizeof(handle_bytes), &token);
+  AppendHex(secret.data(), secret.size(), &token);
+
+  response->set_app_handle(handle);
+  response->set_app_token(std::move(token));
+  response->set_num_devices(options_.num_devices);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::Shutdown(absl::string_view token,
+                                       const v1::ShutdownRequest& request,
+                                       v1::ShutdownResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  std::shared_ptr<EventSink> sink;
+  {
+    EventPublisher events;
+    std::vector<uint64_t> line_handles;
+    {
+      absl::MutexLock lock(&app->mu);
+      if (app->shut_down) return Unauthenticated("unknown app token");
+      app->shut_down = true;
+      line_handles.assign(app->line_handles.begin(), app->line_handles.end());
+    }
+    store_->RemoveApp(app->handle);
+    for (uint64_t line_handle : line_handles) {
+      if (std::shared_ptr<Line> line = store_->FindLine(line_handle)) {
+        CloseLine(*line, events);
+      }
+    }
+    sink = app->events.Close();
+  }
+  if (sink != nullptr) sink->OnSubscriptionEnded(absl::OkStatus());
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::LineOpen(absl::string_view token,
+                                       const v1::LineOpenRequest& request,
+                                       v1::LineOpenResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
+  bool owner = false;
+  bool monitor = false;
+  for (int privilege : request.privileges()) {
+    switch (privilege) {
+      case v1::CALL_PRIVILEGE_OWNER:
+        owner = true;
+        break;
+      case v1::CALL_PRIVILEGE_MONITOR:
+        monitor = true;
+        break;
+      default:
+        return TapiError(TapiErrorCode::kInvalPrivSelect,
+                         absl::StrCat("unknown privilege ", privilege));
+    }
+  }
+
+  absl::MutexLock lock(&device->mu);
+  const uint64_t open_order = device->next_open_order++;
+  std::shared_ptr<Line> line;
+  const uint64_t handle = store_->AddLine([&](uint64_t handle) {
+    line = std::make_shared<Line>(handle, app, device, owner, monitor, open_order);
+    return line;
+  });
+  {
+    absl::MutexLock app_lock(&app->mu);
+    if (app->shut_down) {
+      store_->RemoveLine(handle);
+      return Unauthenticated("unknown app token");
+    }
+    app->line_handles.insert(handle);
+  }
+  device->lines.emplace(open_order, line);
+  if (owner) device->owner_lines.emplace(open_order, line.get());
+  if (monitor) device->monitor_lines.emplace(open_order, line.get());
+  response->set_line_handle(handle);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::LineClose(absl::string_view token,
+                                        const v1::LineCloseRequest& request,
+                                        v1::LineCloseResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  EventPublisher events;
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line,
+                      FindOwnLine(*app, request.line_handle()));
+  if (!CloseLine(*line, events)) return InvalidLineHandle();
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::MakeCall(absl::string_view token,
+                                       const v1::MakeCallRequest& request,
+                                       v1::MakeCallResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  const std::string& request_id = request.request_id();
+  if (request_id.size() > kMaxRequestIdBytes) {
+    return TapiError(TapiErrorCode::kInvalParam,
+                     absl::StrCat("request_id is over ", kMaxRequestIdBytes, " bytes"));
+  }
+  EventPublisher events;
+  if (request_id.empty() || options_.request_id_cache == 0) {
+    return PlaceOutboundCall(*app, request.line_handle(), request.dest_address(),
+                             response, events);
+  }
+
+  // Held across the call's creation, so that concurrent retries of one
+  // request_id create one call.
+  absl::MutexLock lock(&app->request_mu);
+  auto seen = app->recent_requests.find(request_id);
+  if (seen != app->recent_requests.end()) {
+    const IdempotentMakeCall& first = seen->second;
+    if (first.line_handle != request.line_handle() ||
+        first.dest_address != request.dest_address()) {
+      return TapiError(TapiErrorCode::kInvalParam,
+                       "request_id was already used with other parameters");
+    }
+    response->set_call_handle(first.call_handle);
+    response->set_call_id(first.call_id);
+    return absl::OkStatus();
+  }
+  CS_RETURN_IF_ERROR(PlaceOutboundCall(*app, request.line_handle(),
+                                       request.dest_address(), response, events));
+  app->recent_requests.emplace(
+      request_id, IdempotentMakeCall{request.line_handle(), request.dest_address(),
+                                     response->call_handle(), response->call_id()});
+  app->request_order.push_back(request_id);
+  if (app->request_order.size() > options_.request_id_cache) {
+    app->recent_requests.erase(app->request_order.front());
+    app->request_order.pop_front();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
+                                                const std::string& dest_address,
+                                                v1::MakeCallResponse* response,
+                                                EventPublisher& events) {
+  CS_RETURN_IF_ERROR(CheckAddress("dest_address", dest_address, false));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(app, line_handle));
+  Device& device = *line->device;
+
+  absl::MutexLock device_lock(&device.mu);
+  if (!line->open) return InvalidLineHandle();
+  std::shared_ptr<Call> call;
+  const uint64_t call_id = store_->AddCall([&](uint64_t id) {
+    call = std::make_shared<Call>(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "",
+                                  dest_address, options_.clock->Now(),
+                                  v1::CALL_STATE_DIALING);
+    return call;
+  });
+  device.calls.insert(call.get());
+  calls_created_.fetch_add(1, std::memory_order_relaxed);
+
+  absl::MutexLock call_lock(&call->mu);
+  const uint64_t call_handle =
+      AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER);
+  for (const auto& [order, monitor_line] : device.monitor_lines) {
+    if (HoldsLocked(*call, monitor_line->app.get())) continue;
+    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
+    PushNewCallLocked(*call, call->holders.back(), events);
+  }
+  SetStateLocked(*call, v1::CALL_STATE_DIALING, events);
+
+  response->set_call_handle(call_handle);
+  response->set_call_id(call_id);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::Answer(absl::string_view token,
+                                     const v1::AnswerRequest& request,
+                                     v1::AnswerResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  EventPublisher events;
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
+                      FindCallOfHandle(request.call_handle()));
+  absl::MutexLock lock(&call->mu);
+  const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
+  if (holder == nullptr) return InvalidCallHandle();
+  if (holder->privilege != v1::CALL_PRIVILEGE_OWNER) {
+    return TapiError(TapiErrorCode::kNotOwner, "Answer needs an owner handle");
+  }
+  if (call->state != v1::CALL_STATE_OFFERING &&
+      call->state != v1::CALL_STATE_ACCEPTED) {
+    return TapiError(TapiErrorCode::kInvalCallState,
+                     absl::StrCat("cannot answer a call in ",
+                                  v1::CallState_Name(call->state)));
+  }
+  SetStateLocked(*call, v1::CALL_STATE_CONNECTED, events);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::Drop(absl::string_view token,
+                                   const v1::DropRequest& request,
+                                   v1::DropResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  EventPublisher events;
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
+                      FindCallOfHandle(request.call_handle()));
+  absl::MutexLock lock(&call->mu);
+  const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
+  if (holder == nullptr) return InvalidCallHandle();
+  if (holder->privilege != v1::CALL_PRIVILEGE_OWNER) {
+    return TapiError(TapiErrorCode::kNotOwner, "Drop needs an owner handle");
+  }
+  if (call->state == v1::CALL_STATE_IDLE) {
+    return TapiError(TapiErrorCode::kInvalCallState, "the call is already IDLE");
+  }
+  SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
+                                          const v1::GetCallInfoRequest& request,
+                                          v1::GetCallInfoResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
+                      FindCallOfHandle(request.call_handle()));
+  absl::ReaderMutexLock lock(&call->mu);
+  const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
+  if (holder == nullptr) return InvalidCallHandle();
+  v1::CallInfo* info = response->mutable_info();
+  info->set_line_handle(holder->line->handle);
+  info->set_line_device_id(call->device_id);
+  info->set_call_id(call->id);
+  info->set_origin(call->origin);
+  info->set_caller_id(call->caller_id);
+  info->set_called_id(call->called_id);
+  if (call->connected) {
+    info->set_connected_id(call->origin == v1::CALL_ORIGIN_OUTBOUND
+                               ? call->called_id
+                               : call->caller_id);
+  }
+  info->set_num_owners(CountLocked(*call, v1::CALL_PRIVILEGE_OWNER));
+  info->set_num_monitors(CountLocked(*call, v1::CALL_PRIVILEGE_MONITOR));
+  SetTimestamp(call->create_time, info->mutable_create_time());
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::GetCallStatus(
+    absl::string_view token, const v1::GetCallStatusRequest& request,
+    v1::GetCallStatusResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
+                      FindCallOfHandle(request.call_handle()));
+  absl::ReaderMutexLock lock(&call->mu);
+  const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
+  if (holder == nullptr) return InvalidCallHandle();
+  v1::CallStatus* status = response->mutable_status();
+  status->set_call_state(call->state);
+  status->set_call_privilege(holder->privilege);
+  SetTimestamp(call->state_entry_time, status->mutable_state_entry_time());
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::DeallocateCall(
+    absl::string_view token, const v1::DeallocateCallRequest& request,
+    v1::DeallocateCallResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
+                      FindCallOfHandle(request.call_handle()));
+  bool free_call = false;
+  {
+    absl::MutexLock lock(&call->mu);
+    Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
+    if (holder == nullptr) return InvalidCallHandle();
+    if (IsSoleOwnerLocked(*call, *holder) && call->state != v1::CALL_STATE_IDLE) {
+      return TapiError(TapiErrorCode::kInvalCallState,
+                       "the sole owner of a call that is not IDLE must drop it "
+                       "before deallocating");
+    }
+    Line& line = *holder->line;
+    RemoveHolderLocked(*call, holder - call->holders.data());
+    {
+      absl::MutexLock line_lock(&line.mu);
+      line.call_handles.erase(request.call_handle());
+    }
+    free_call = MarkFreedIfDoneLocked(*call);
+  }
+  if (free_call) FreeCall(*call);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
+                                          const v1::GetNewCallsRequest& request,
+                                          v1::GetNewCallsResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line,
+                      FindOwnLine(*app, request.line_handle()));
+  Device& device = *line->device;
+  absl::MutexLock device_lock(&device.mu);
+  if (!line->open) return InvalidLineHandle();
+  for (Call* unowned_ptr : device.calls) {
+    // Every call in device.calls is still in the store: FreeCall removes
+    // it from the device before the store.
+    std::shared_ptr<Call> call = store_->FindCall(unowned_ptr->id);
+    if (call == nullptr) continue;
+    absl::MutexLock call_lock(&call->mu);
+    if (call->freed || call->state == v1::CALL_STATE_IDLE ||
+        HoldsLocked(*call, app.get())) {
+      continue;
+    }
+    response->add_call_handles(
+        AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<EventSubscription>> CallSessionCore::WatchEvents(
+    absl::string_view token, std::shared_ptr<EventSink> sink) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  std::shared_ptr<EventSink> previous = app->events.Attach(sink);
+  if (previous == sink) return Unauthenticated("unknown app token");
+  if (previous != nullptr) {
+    previous->OnSubscriptionEnded(
+        absl::AbortedError("replaced by a newer WatchEvents stream of the same app"));
+  }
+  return std::make_unique<EventSubscription>(this, std::move(app), std::move(sink));
+}
+
+void CallSessionCore::EndAllSubscriptions(const absl::Status& why) {
+  std::vector<std::pair<std::shared_ptr<App>, std::shared_ptr<EventSink>>> ends;
+  {
+    absl::MutexLock lock(&subscriptions_mu_);
+    for (const EventSubscription* subscription : subscriptions_) {
+      ends.emplace_back(subscription->app_, subscription->sink_);
+    }
+  }
+  for (auto& [app, sink] : ends) {
+    app->events.Detach(sink.get());
+    sink->OnSubscriptionEnded(why);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ProviderService.
+
+absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
+                                        const v1::OfferCallRequest& request,
+                                        v1::OfferCallResponse* response) {
+  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
+  CS_RETURN_IF_ERROR(CheckAddress("caller_id", request.caller_id(), true));
+  CS_RETURN_IF_ERROR(CheckAddress("called_id", request.called_id(), true));
+  EventPublisher events;
+
+  absl::MutexLock device_lock(&device->mu);
+  std::shared_ptr<Call> call;
+  const uint64_t call_id = store_->AddCall([&](uint64_t id) {
+    call = std::make_shared<Call>(id, device->id, v1::CALL_ORIGIN_INBOUND,
+                                  request.caller_id(), request.called_id(),
+                                  options_.clock->Now(), v1::CALL_STATE_OFFERING);
+    return call;
+  });
+  device->calls.insert(call.get());
+  calls_created_.fetch_add(1, std::memory_order_relaxed);
+
+  absl::MutexLock call_lock(&call->mu);
+  if (!device->owner_lines.empty()) {
+    AddHolderLocked(call, *device->owner_lines.begin()->second,
+                    v1::CALL_PRIVILEGE_OWNER);
+    PushNewCallLocked(*call, call->holders.back(), events);
+  }
+  for (const auto& [order, monitor_line] : device->monitor_lines) {
+    if (HoldsLocked(*call, monitor_line->app.get())) continue;
+    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
+    PushNewCallLocked(*call, call->holders.back(), events);
+  }
+  SetStateLocked(*call, v1::CALL_STATE_OFFERING, events);
+  response->set_call_id(call_id);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::SetCallState(
+    absl::string_view provider_token, const v1::SetCallStateRequest& request,
+    v1::SetCallStateResponse* response) {
+  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  const CallState state = request.call_state();
+  if (!v1::CallState_IsValid(state) || state == v1::CALL_STATE_UNSPECIFIED) {
+    return TapiError(TapiErrorCode::kInvalParam,
+                     absl::StrCat("unknown call_state ", static_cast<int>(state)));
+  }
+  EventPublisher events;
+  std::shared_ptr<Call> call =
+      request.call_id() == 0 ? nullptr : store_->FindCall(request.call_id());
+  if (call == nullptr) {
+    return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
+  }
+  bool free_call = false;
+  {
+    absl::MutexLock lock(&call->mu);
+    if (call->freed) {
+      return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
+    }
+    if (call->state == v1::CALL_STATE_IDLE) {
+      return TapiError(TapiErrorCode::kInvalCallState,
+                       "the call is IDLE; nothing leaves IDLE");
+    }
+    if (call->state == state) return absl::OkStatus();
+    SetStateLocked(*call, state, events);
+    free_call = MarkFreedIfDoneLocked(*call);
+  }
+  if (free_call) FreeCall(*call);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::ForceLineClose(
+    absl::string_view provider_token, const v1::ForceLineCloseRequest& request,
+    v1::ForceLineCloseResponse* response) {
+  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
+  EventPublisher events;
+  std::vector<std::pair<std::shared_ptr<Line>, std::vector<uint64_t>>> closed;
+  {
+    absl::MutexLock lock(&device->mu);
+    while (!device->lines.empty()) {
+      std::shared_ptr<Line> line = device->lines.begin()->second;
+      line->device->mu.AssertHeld();  // the same mutex, for the analysis
+      std::vector<uint64_t> handles;
+      DetachLineLocked(*line, &handles);
+      closed.emplace_back(std::move(line), std::move(handles));
+    }
+  }
+  for (auto& [line, handles] : closed) {
+    VoidHandlesOfClosedLine(handles, events);
+    v1::Event event = NewEvent();
+    event.mutable_line_close()->set_line_handle(line->handle);
+    events.Push(line->app->events, std::move(event));
+    forced_line_closes_.fetch_add(1, std::memory_order_relaxed);
+  }
+  return absl::OkStatus();
+}
+
+CoreStats CallSessionCore::Stats() const {
+  CoreStats stats;
+  stats.live = store_->Counts();
+  {
+    absl::MutexLock lock(&subscriptions_mu_);
+    stats.event_subscribers = subscriptions_.size();
+  }
+  stats.calls_created = calls_created_.load(std::memory_order_relaxed);
+  stats.calls_freed = calls_freed_.load(std::memory_order_relaxed);
+  stats.call_handles_created = call_handles_created_.load(std::memory_order_relaxed);
+  stats.call_handles_voided = call_handles_voided_.load(std::memory_order_relaxed);
+  stats.calls_dropped_by_line_close =
+      calls_dropped_by_line_close_.load(std::memory_order_relaxed);
+  stats.forced_line_closes = forced_line_closes_.load(std::memory_order_relaxed);
+  return stats;
+}
+
+}  // namespace callsession

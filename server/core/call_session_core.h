@@ -1,0 +1,229 @@
+// CallSessionCore: TAPI 2.2 call-handle semantics, independent of transport.
+//
+// Each public method is one RPC of callsession.v1 (see the protos for the
+// contract of each), takes the request and fills the response, and returns
+// an absl::Status built by TapiError() (see tapi_error.h) on failure. A
+// failed call changes nothing. Application methods take the bearer token the
+// request carried; a missing, malformed or unknown token is UNAUTHENTICATED
+// (LINEERR_UNINITIALIZED) before any other check. A handle that belongs to
+// another application is treated exactly as one that never existed.
+//
+// Thread-safe: every method may be called concurrently from any thread. No
+// method blocks on I/O; the lock order is documented in model.h.
+#ifndef CALLSESSION_SERVER_CORE_CALL_SESSION_CORE_H_
+#define CALLSESSION_SERVER_CORE_CALL_SESSION_CORE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "callsession/v1/call_session_service.pb.h"
+#include "callsession/v1/provider_service.pb.h"
+#include "server/core/clock.h"
+#include "server/core/event_queue.h"
+#include "server/core/model.h"
+#include "server/core/session_store.h"
+
+namespace callsession {
+
+struct CoreOptions {
+  // Devices are numbered 0 .. num_devices-1.
+  uint32_t num_devices = 16;
+  // Shards per handle table: a power of two.
+  int shards = 64;
+  // The token the provider service requires; empty refuses every provider
+  // call.
+  std::string provider_token;
+  // Undelivered events kept per application (see EventQueue).
+  size_t event_queue_limit = 10000;
+  // MakeCall request_ids remembered per application (oldest forgotten first).
+  size_t request_id_cache = 1024;
+  // Not owned; must outlive the core.
+  const Clock* clock = &RealClock();
+};
+
+// OK, or INVALID_ARGUMENT naming the first bad option.
+absl::Status ValidateCoreOptions(const CoreOptions& options);
+
+// Counters since start, and live entries. Approximate under concurrency.
+struct CoreStats {
+  StoreCounts live;
+  size_t event_subscribers = 0;
+  uint64_t calls_created = 0;
+  uint64_t calls_freed = 0;
+  uint64_t call_handles_created = 0;
+  uint64_t call_handles_voided = 0;
+  uint64_t calls_dropped_by_line_close = 0;
+  uint64_t forced_line_closes = 0;
+};
+
+class CallSessionCore;
+
+// One stream's hold on an application's events, made by
+// CallSessionCore::WatchEvents. Destroying it stops delivery to its sink;
+// it must not outlive the core. Next() may be called from any thread.
+class EventSubscription {
+ public:
+  EventSubscription(CallSessionCore* core, std::shared_ptr<App> app,
+                    std::shared_ptr<EventSink> sink);
+  ~EventSubscription();
+  EventSubscription(const EventSubscription&) = delete;
+  EventSubscription& operator=(const EventSubscription&) = delete;
+
+  // See EventQueue::Next.
+  bool Next(v1::Event* event);
+
+ private:
+  friend class CallSessionCore;
+  CallSessionCore* const core_;
+  const std::shared_ptr<App> app_;
+  const std::shared_ptr<EventSink> sink_;
+};
+
+class CallSessionCore {
+ public:
+  friend class EventSubscription;
+
+  // `options` must pass ValidateCoreOptions. `store` defaults to the
+  // sharded in-memory store.
+  explicit CallSessionCore(CoreOptions options,
+                           std::unique_ptr<SessionStore> store = nullptr);
+  ~CallSessionCore();
+
+  CallSessionCore(const CallSessionCore&) = delete;
+  CallSessionCore& operator=(const CallSessionCore&) = delete;
+
+  // CallSessionService.
+  absl::Status Initialize(const v1::InitializeRequest& request,
+                          v1::InitializeResponse* response);
+  absl::Status Shutdown(absl::string_view token,
+                        const v1::ShutdownRequest& request,
+                        v1::ShutdownResponse* response);
+  absl::Status LineOpen(absl::string_view token,
+                        const v1::LineOpenRequest& request,
+                        v1::LineOpenResponse* response);
+  absl::Status LineClose(absl::string_view token,
+                         const v1::LineCloseRequest& request,
+                         v1::LineCloseResponse* response);
+  absl::Status MakeCall(absl::string_view token,
+                        const v1::MakeCallRequest& request,
+                        v1::MakeCallResponse* response);
+  absl::Status Answer(absl::string_view token, const v1::AnswerRequest& request,
+                      v1::AnswerResponse* response);
+  absl::Status Drop(absl::string_view token, const v1::DropRequest& request,
+                    v1::DropResponse* response);
+  absl::Status GetCallInfo(absl::string_view token,
+                           const v1::GetCallInfoRequest& request,
+                           v1::GetCallInfoResponse* response);
+  absl::Status GetCallStatus(absl::string_view token,
+                             const v1::GetCallStatusRequest& request,
+                             v1::GetCallStatusResponse* response);
+  absl::Status DeallocateCall(absl::string_view token,
+                              const v1::DeallocateCallRequest& request,
+                              v1::DeallocateCallResponse* response);
+  absl::Status GetNewCalls(absl::string_view token,
+                           const v1::GetNewCallsRequest& request,
+                           v1::GetNewCallsResponse* response);
+
+  // Makes `sink` the consumer of the application's events, ending any
+  // previous consumer with ABORTED. Events come through the returned
+  // subscription; the sink is told when to pull (see EventSink).
+  absl::StatusOr<std::unique_ptr<EventSubscription>> WatchEvents(
+      absl::string_view token, std::shared_ptr<EventSink> sink);
+
+  // ProviderService. `provider_token` is the bearer token the request
+  // carried.
+  absl::Status OfferCall(absl::string_view provider_token,
+                         const v1::OfferCallRequest& request,
+                         v1::OfferCallResponse* response);
+  absl::Status SetCallState(absl::string_view provider_token,
+                            const v1::SetCallStateRequest& request,
+                            v1::SetCallStateResponse* response);
+  absl::Status ForceLineClose(absl::string_view provider_token,
+                              const v1::ForceLineCloseRequest& request,
+                              v1::ForceLineCloseResponse* response);
+
+  // Ends every event subscription with `why` (server shutdown).
+  void EndAllSubscriptions(const absl::Status& why);
+
+  CoreStats Stats() const;
+  uint32_t num_devices() const { return options_.num_devices; }
+
+ private:
+  absl::StatusOr<std::shared_ptr<App>> Authenticate(
+      absl::string_view token) const;
+  absl::Status AuthenticateProvider(absl::string_view token) const;
+  absl::StatusOr<Device*> FindDevice(uint32_t device_id) const;
+  // The app's open line, or NOT_FOUND (LINEERR_INVALLINEHANDLE).
+  absl::StatusOr<std::shared_ptr<Line>> FindOwnLine(const App& app,
+                                                   uint64_t line_handle) const;
+  // The call a handle addresses, or NOT_FOUND; the caller must still check,
+  // under the call's lock, that the app holds it (FindHolderLocked).
+  absl::StatusOr<std::shared_ptr<Call>> FindCallOfHandle(
+      uint64_t call_handle) const;
+
+  absl::Status PlaceOutboundCall(App& app, uint64_t line_handle,
+                                 const std::string& dest_address,
+                                 v1::MakeCallResponse* response,
+                                 EventPublisher& events);
+
+  // Voids the line: no new handles, gone from its device, app and the
+  // store. Returns false if it was already closed; otherwise `*handles` gets
+  // the call handles opened through it, for VoidHandlesOfClosedLine.
+  bool DetachLineLocked(Line& line, std::vector<uint64_t>* handles)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(line.device->mu);
+  // DetachLineLocked and VoidHandlesOfClosedLine. False if already closed.
+  bool CloseLine(Line& line, EventPublisher& events);
+  // Voids each handle, dropping calls their app owned alone.
+  void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles,
+                               EventPublisher& events);
+
+  // Issues a handle to `call` for line.app through `line`.
+  uint64_t AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
+                           v1::CallPrivilege privilege)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
+  // Removes holders[index] and its handle from the store (not from its
+  // line's set: the caller does that, or the line is closing).
+  void RemoveHolderLocked(Call& call, size_t index)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
+  void SetStateLocked(Call& call, v1::CallState state, EventPublisher& events)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
+  void PushNewCallLocked(const Call& call, const Holder& holder,
+                         EventPublisher& events)
+      ABSL_SHARED_LOCKS_REQUIRED(call.mu);
+  // Marks the call freed if it is IDLE with no holder; true if this call did.
+  bool MarkFreedIfDoneLocked(Call& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
+  // Removes a call marked freed from its device and the store.
+  void FreeCall(const Call& call);
+
+  v1::Event NewEvent() const;
+
+  const CoreOptions options_;
+  const std::unique_ptr<SessionStore> store_;
+  // One per device id; constant after construction.
+  std::vector<std::unique_ptr<Device>> devices_;
+
+  // Every live subscription, for EndAllSubscriptions. Touched only when a
+  // stream starts or ends, never on a per-call path.
+  mutable absl::Mutex subscriptions_mu_;
+  absl::flat_hash_set<EventSubscription*> subscriptions_
+      ABSL_GUARDED_BY(subscriptions_mu_);
+
+  std::atomic<uint64_t> calls_created_{0};
+  std::atomic<uint64_t> calls_freed_{0};
+  std::atomic<uint64_t> call_handles_created_{0};
+  std::atomic<uint64_t> call_handles_voided_{0};
+  std::atomic<uint64_t> calls_dropped_by_line_close_{0};
+  std::atomic<uint64_t> forced_line_closes_{0};
+};
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_SERVER_CORE_CALL_SESSION_CORE_H_

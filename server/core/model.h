@@ -1,0 +1,159 @@
+// The entities the core tracks, and the locks that guard them.
+//
+// Lock order (a thread may only take locks further down this list than any
+// it holds):
+//   1. App::request_mu     one app's MakeCall idempotency cache
+//   2. Device::mu          a device's lines and calls; Line::open
+//   3. Call::mu            a call's state and holders
+//   4. Line::mu            a line's set of call handles
+//   5. leaves              App::mu, store shards, EventQueue
+// Nothing blocks or does I/O under any of them: events are pushed to queues
+// (a leaf) and sinks are woken after every lock is released.
+//
+// Lifetimes: the store owns Apps, Lines and Calls through shared_ptr. A Line
+// holds its App; a Call's holders point at their App and Line without
+// owning them, which is safe because a Line is kept alive until every handle
+// opened through it has been voided, and voiding takes the Call's mutex.
+#ifndef CALLSESSION_SERVER_CORE_MODEL_H_
+#define CALLSESSION_SERVER_CORE_MODEL_H_
+
+#include <array>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/btree_map.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/container/inlined_vector.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "callsession/v1/types.pb.h"
+#include "server/core/event_queue.h"
+
+namespace callsession {
+
+struct Call;
+struct Line;
+
+// A MakeCall answered earlier, kept for replays of its request_id.
+struct IdempotentMakeCall {
+  uint64_t line_handle;
+  std::string dest_address;
+  uint64_t call_handle;
+  uint64_t call_id;
+};
+
+// A registered application.
+struct App {
+  App(uint64_t handle, std::string name, std::array<uint8_t, 16> secret,
+      size_t event_queue_capacity)
+      : handle(handle),
+        name(std::move(name)),
+        secret(secret),
+        events(event_queue_capacity) {}
+
+  // Constant after construction.
+  const uint64_t handle;
+  const std::string name;
+  const std::array<uint8_t, 16> secret;  // the token's secret half
+
+  EventQueue events;
+
+  absl::Mutex request_mu ABSL_ACQUIRED_BEFORE(mu);
+  absl::flat_hash_map<std::string, IdempotentMakeCall> recent_requests
+      ABSL_GUARDED_BY(request_mu);
+  std::deque<std::string> request_order ABSL_GUARDED_BY(request_mu);
+
+  absl::Mutex mu;
+  bool shut_down ABSL_GUARDED_BY(mu) = false;
+  absl::flat_hash_set<uint64_t> line_handles ABSL_GUARDED_BY(mu);
+};
+
+// A line device: the lines open on it and the calls on it.
+struct Device {
+  explicit Device(uint32_t id) : id(id) {}
+
+  const uint32_t id;
+  absl::Mutex mu;
+  uint64_t next_open_order ABSL_GUARDED_BY(mu) = 1;
+  // Keyed by open order (Line::open_order), so begin() is the earliest.
+  absl::btree_map<uint64_t, std::shared_ptr<Line>> lines ABSL_GUARDED_BY(mu);
+  absl::btree_map<uint64_t, Line*> owner_lines ABSL_GUARDED_BY(mu);
+  absl::btree_map<uint64_t, Line*> monitor_lines ABSL_GUARDED_BY(mu);
+  // Calls not yet freed. A Call is removed here before the store drops it.
+  absl::flat_hash_set<Call*> calls ABSL_GUARDED_BY(mu);
+};
+
+// An open line: one application's use of one device.
+struct Line {
+  Line(uint64_t handle, std::shared_ptr<App> app, Device* device, bool owner,
+       bool monitor, uint64_t open_order)
+      : handle(handle),
+        app(std::move(app)),
+        device(device),
+        owner(owner),
+        monitor(monitor),
+        open_order(open_order) {}
+
+  // Constant after construction.
+  const uint64_t handle;
+  const std::shared_ptr<App> app;
+  Device* const device;
+  const bool owner;
+  const bool monitor;
+  const uint64_t open_order;
+
+  // Set under the device lock by whoever closes the line; a closed line gets
+  // no new call handles.
+  bool open ABSL_GUARDED_BY(device->mu) = true;
+
+  absl::Mutex mu;
+  absl::flat_hash_set<uint64_t> call_handles ABSL_GUARDED_BY(mu);
+};
+
+// One application's handle to a call.
+struct Holder {
+  uint64_t handle;
+  App* app;
+  Line* line;
+  v1::CallPrivilege privilege;
+};
+
+// One call, shared by every application holding a handle to it.
+struct Call {
+  Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin,
+       std::string caller_id, std::string called_id, absl::Time create_time,
+       v1::CallState state)
+      : id(id),
+        device_id(device_id),
+        origin(origin),
+        caller_id(std::move(caller_id)),
+        called_id(std::move(called_id)),
+        create_time(create_time),
+        state(state),
+        state_entry_time(create_time) {}
+
+  // Constant after construction.
+  const uint64_t id;
+  const uint32_t device_id;
+  const v1::CallOrigin origin;
+  const std::string caller_id;
+  const std::string called_id;
+  const absl::Time create_time;
+
+  mutable absl::Mutex mu;
+  v1::CallState state ABSL_GUARDED_BY(mu);
+  absl::Time state_entry_time ABSL_GUARDED_BY(mu);
+  bool connected ABSL_GUARDED_BY(mu) = false;  // has been CONNECTED
+  // Set once, when the call is IDLE with no holder left; a freed call is
+  // gone from the API even while a stale pointer to it is still around.
+  bool freed ABSL_GUARDED_BY(mu) = false;
+  absl::InlinedVector<Holder, 1> holders ABSL_GUARDED_BY(mu);
+};
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_SERVER_CORE_MODEL_H_

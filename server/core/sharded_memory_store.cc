@@ -1,0 +1,75 @@
+#include <memory>
+#include <utility>
+
+#include "server/core/handle_table.h"
+#include "server/core/session_store.h"
+
+namespace callsession {
+namespace {
+
+template <typename T>
+std::shared_ptr<T> ValueOrNull(std::optional<std::shared_ptr<T>> value) {
+  return value.has_value() ? *std::move(value) : nullptr;
+}
+
+class ShardedMemoryStore final : public SessionStore {
+ public:
+  explicit ShardedMemoryStore(int shard_count)
+      : apps_(shard_count),
+        lines_(shard_count),
+        calls_(shard_count),
+        call_handles_(shard_count) {}
+
+  uint64_t AddApp(Maker<App> make) override { return apps_.Insert(make); }
+  std::shared_ptr<App> FindApp(uint64_t handle) const override {
+    return ValueOrNull(apps_.Find(handle));
+  }
+  std::shared_ptr<App> RemoveApp(uint64_t handle) override {
+    return ValueOrNull(apps_.Erase(handle));
+  }
+
+  uint64_t AddLine(Maker<Line> make) override { return lines_.Insert(make); }
+  std::shared_ptr<Line> FindLine(uint64_t handle) const override {
+    return ValueOrNull(lines_.Find(handle));
+  }
+  std::shared_ptr<Line> RemoveLine(uint64_t handle) override {
+    return ValueOrNull(lines_.Erase(handle));
+  }
+
+  uint64_t AddCall(Maker<Call> make) override { return calls_.Insert(make); }
+  std::shared_ptr<Call> FindCall(uint64_t call_id) const override {
+    return ValueOrNull(calls_.Find(call_id));
+  }
+  std::shared_ptr<Call> RemoveCall(uint64_t call_id) override {
+    return ValueOrNull(calls_.Erase(call_id));
+  }
+
+  uint64_t AddCallHandle(std::shared_ptr<Call> call) override {
+    return call_handles_.Insert([&](uint64_t) { return std::move(call); });
+  }
+  std::shared_ptr<Call> FindCallHandle(uint64_t handle) const override {
+    return ValueOrNull(call_handles_.Find(handle));
+  }
+  std::shared_ptr<Call> RemoveCallHandle(uint64_t handle) override {
+    return ValueOrNull(call_handles_.Erase(handle));
+  }
+
+  StoreCounts Counts() const override {
+    return StoreCounts{apps_.size(), lines_.size(), calls_.size(),
+                       call_handles_.size()};
+  }
+
+ private:
+  ShardedHandleTable<std::shared_ptr<App>> apps_;
+  ShardedHandleTable<std::shared_ptr<Line>> lines_;
+  ShardedHandleTable<std::shared_ptr<Call>> calls_;
+  ShardedHandleTable<std::shared_ptr<Call>> call_handles_;
+};
+
+}  // namespace
+
+std::unique_ptr<SessionStore> NewShardedMemoryStore(int shard_count) {
+  return std::make_unique<ShardedMemoryStore>(shard_count);
+}
+
+}  // namespace callsession

@@ -1,0 +1,50 @@
+#include "server/grpc_edge.h"
+
+#include <string>
+
+#include "absl/strings/match.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "server/core/tapi_error.h"
+
+namespace callsession {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  // absl::StatusCode and grpc::StatusCode share the canonical numbering.
+  const auto code = static_cast<grpc::StatusCode>(status.code());
+  std::string message(status.message());
+  const absl::string_view reason = TapiErrorName(status);
+  if (reason.empty()) return grpc::Status(code, message);
+
+  google::rpc::ErrorInfo info;
+  info.set_reason(std::string(reason));
+  info.set_domain("callsession.v1");
+  google::rpc::Status details;
+  details.set_code(static_cast<int32_t>(code));
+  details.set_message(message);
+  details.add_details()->PackFrom(info);
+  return grpc::Status(code, std::move(message), details.SerializeAsString());
+}
+
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
+                                      const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+absl::string_view BearerToken(const grpc::ServerContextBase& context) {
+  constexpr absl::string_view kScheme = "Bearer ";
+  const auto& metadata = context.client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return {};
+  absl::string_view value(it->second.data(), it->second.size());
+  if (value.size() <= kScheme.size() ||
+      !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
+    return {};
+  }
+  return value.substr(kScheme.size());
+}
+
+}  // namespace callsession
