@@ -1,0 +1,251 @@
+#include "client/callsession_client.h"
+
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "grpcpp/support/sync_stream.h"
+
+namespace callsession {
+namespace {
+
+constexpr char kErrorInfoTypeUrl[] = "type.googleapis.com/google.rpc.ErrorInfo";
+
+// Calls one unary method of a stub with a deadline and the token.
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> Invoke(Stub& stub,
+                                grpc::Status (Stub::*method)(grpc::ClientContext*,
+                                                             const Request&, Response*),
+                                const Request& request, absl::Duration deadline,
+                                const std::string& token) {
+  grpc::ClientContext context;
+  PrepareContext(&context, deadline, token);
+  Response response;
+  grpc::Status status = (stub.*method)(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  absl::Status result(static_cast<absl::StatusCode>(status.error_code()),
+                      status.error_message());
+  google::rpc::Status details;
+  if (!status.error_details().empty() && details.ParseFromString(status.error_details())) {
+    for (const google::protobuf::Any& detail : details.details()) {
+      if (detail.type_url() == kErrorInfoTypeUrl) {
+        result.SetPayload(kErrorInfoTypeUrl, absl::Cord(detail.value()));
+        break;
+      }
+    }
+  }
+  return result;
+}
+
+std::string TapiReason(const absl::Status& status) {
+  auto payload = status.GetPayload(kErrorInfoTypeUrl);
+  if (!payload.has_value()) return "";
+  google::rpc::ErrorInfo info;
+  if (!info.ParseFromString(std::string(*payload))) return "";
+  return info.reason();
+}
+
+void PrepareContext(grpc::ClientContext* context, absl::Duration deadline,
+                    const std::string& token) {
+  context->set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  if (!token.empty()) context->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+
+// ---------------------------------------------------------------------------
+
+EventStream::EventStream(v1::CallSessionService::Stub* stub, const std::string& token) {
+  if (!token.empty()) context_.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  reader_ = std::thread([this, stub] { ReadLoop(stub); });
+}
+
+EventStream::~EventStream() {
+  Cancel();
+  reader_.join();
+}
+
+void EventStream::Cancel() { context_.TryCancel(); }
+
+void EventStream::ReadLoop(v1::CallSessionService::Stub* stub) {
+  std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
+      stub->WatchEvents(&context_, v1::WatchEventsRequest());
+  v1::WatchEventsResponse response;
+  while (reader->Read(&response)) {
+    absl::MutexLock lock(&mu_);
+    events_.push_back(std::move(*response.mutable_event()));
+  }
+  absl::Status status = FromGrpcStatus(reader->Finish());
+  absl::MutexLock lock(&mu_);
+  ended_ = true;
+  end_status_ = std::move(status);
+}
+
+absl::StatusOr<v1::Event> EventStream::Next(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !events_.empty() || ended_;
+  };
+  mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+  if (!events_.empty()) {
+    v1::Event event = std::move(events_.front());
+    events_.pop_front();
+    return event;
+  }
+  if (!ended_) return absl::DeadlineExceededError("no event arrived in time");
+  if (!end_status_.ok()) return end_status_;
+  return absl::OutOfRangeError("the event stream ended");
+}
+
+// ---------------------------------------------------------------------------
+
+CallSessionClient::CallSessionClient(std::shared_ptr<grpc::ChannelInterface> channel,
+                                     ClientOptions options)
+    : options_(options), stub_(v1::CallSessionService::NewStub(channel)) {}
+
+absl::StatusOr<v1::InitializeResponse> CallSessionClient::Initialize(
+    absl::string_view app_name) {
+  v1::InitializeRequest request;
+  request.set_app_name(std::string(app_name));
+  absl::StatusOr<v1::InitializeResponse> response =
+      Invoke(*stub_, &v1::CallSessionService::Stub::Initialize, request, options_.deadline, "");
+  if (response.ok()) token_ = response->app_token();
+  return response;
+}
+
+absl::Status CallSessionClient::Shutdown() {
+  return Invoke(*stub_, &v1::CallSessionService::Stub::Shutdown, v1::ShutdownRequest(),
+                options_.deadline, token_)
+      .status();
+}
+
+absl::StatusOr<uint64_t> CallSessionClient::LineOpen(
+    uint32_t device_id, const std::vector<v1::CallPrivilege>& privileges) {
+  v1::LineOpenRequest request;
+  request.set_device_id(device_id);
+  for (v1::CallPrivilege privilege : privileges) request.add_privileges(privilege);
+  absl::StatusOr<v1::LineOpenResponse> response = Invoke(
+      *stub_, &v1::CallSessionService::Stub::LineOpen, request, options_.deadline, token_);
+  if (!response.ok()) return response.status();
+  return response->line_handle();
+}
+
+absl::Status CallSessionClient::LineClose(uint64_t line_handle) {
+  v1::LineCloseRequest request;
+  request.set_line_handle(line_handle);
+  return Invoke(*stub_, &v1::CallSessionService::Stub::LineClose, request, options_.deadline,
+                token_)
+      .status();
+}
+
+absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(
+    uint64_t line_handle, absl::string_view dest_address, absl::string_view request_id) {
+  v1::MakeCallRequest request;
+  request.set_line_handle(line_handle);
+  request.set_dest_address(std::string(dest_address));
+  request.set_request_id(std::string(request_id));
+  return Invoke(*stub_, &v1::CallSessionService::Stub::MakeCall, request, options_.deadline,
+                token_);
+}
+
+absl::Status CallSessionClient::Answer(uint64_t call_handle) {
+  v1::AnswerRequest request;
+  request.set_call_handle(call_handle);
+  return Invoke(*stub_, &v1::CallSessionService::Stub::Answer, request, options_.deadline,
+                token_)
+      .status();
+}
+
+absl::Status CallSessionClient::Drop(uint64_t call_handle) {
+  v1::DropRequest request;
+  request.set_call_handle(call_handle);
+  return Invoke(*stub_, &v1::CallSessionService::Stub::Drop, request, options_.deadline, token_)
+      .status();
+}
+
+absl::StatusOr<v1::CallInfo> CallSessionClient::GetCallInfo(uint64_t call_handle) {
+  v1::GetCallInfoRequest request;
+  request.set_call_handle(call_handle);
+  absl::StatusOr<v1::GetCallInfoResponse> response = Invoke(
+      *stub_, &v1::CallSessionService::Stub::GetCallInfo, request, options_.deadline, token_);
+  if (!response.ok()) return response.status();
+  return std::move(*response->mutable_info());
+}
+
+absl::StatusOr<v1::CallStatus> CallSessionClient::GetCallStatus(uint64_t call_handle) {
+  v1::GetCallStatusRequest request;
+  request.set_call_handle(call_handle);
+  absl::StatusOr<v1::GetCallStatusResponse> response = Invoke(
+      *stub_, &v1::CallSessionService::Stub::GetCallStatus, request, options_.deadline, token_);
+  if (!response.ok()) return response.status();
+  return std::move(*response->mutable_status());
+}
+
+absl::Status CallSessionClient::DeallocateCall(uint64_t call_handle) {
+  v1::DeallocateCallRequest request;
+  request.set_call_handle(call_handle);
+  return Invoke(*stub_, &v1::CallSessionService::Stub::DeallocateCall, request,
+                options_.deadline, token_)
+      .status();
+}
+
+absl::StatusOr<std::vector<uint64_t>> CallSessionClient::GetNewCalls(uint64_t line_handle) {
+  v1::GetNewCallsRequest request;
+  request.set_line_handle(line_handle);
+  absl::StatusOr<v1::GetNewCallsResponse> response = Invoke(
+      *stub_, &v1::CallSessionService::Stub::GetNewCalls, request, options_.deadline, token_);
+  if (!response.ok()) return response.status();
+  return std::vector<uint64_t>(response->call_handles().begin(),
+                               response->call_handles().end());
+}
+
+std::unique_ptr<EventStream> CallSessionClient::WatchEvents() {
+  return std::make_unique<EventStream>(stub_.get(), token_);
+}
+
+// ---------------------------------------------------------------------------
+
+ProviderClient::ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel,
+                               std::string provider_token, ClientOptions options)
+    : options_(options),
+      stub_(v1::ProviderService::NewStub(channel)),
+      token_(std::move(provider_token)) {}
+
+absl::StatusOr<uint64_t> ProviderClient::OfferCall(uint32_t device_id,
+                                                   absl::string_view caller_id,
+                                                   absl::string_view called_id) {
+  v1::OfferCallRequest request;
+  request.set_device_id(device_id);
+  request.set_caller_id(std::string(caller_id));
+  request.set_called_id(std::string(called_id));
+  absl::StatusOr<v1::OfferCallResponse> response = Invoke(
+      *stub_, &v1::ProviderService::Stub::OfferCall, request, options_.deadline, token_);
+  if (!response.ok()) return response.status();
+  return response->call_id();
+}
+
+absl::Status ProviderClient::SetCallState(uint64_t call_id, v1::CallState state) {
+  v1::SetCallStateRequest request;
+  request.set_call_id(call_id);
+  request.set_call_state(state);
+  return Invoke(*stub_, &v1::ProviderService::Stub::SetCallState, request, options_.deadline,
+                token_)
+      .status();
+}
+
+absl::Status ProviderClient::ForceLineClose(uint32_t device_id) {
+  v1::ForceLineCloseRequest request;
+  request.set_device_id(device_id);
+  return Invoke(*stub_, &v1::ProviderService::Stub::ForceLineClose, request,
+                options_.deadline, token_)
+      .status();
+}
+
+}  // namespace callsession
