@@ -26,7 +26,10 @@ class WatchEventsReactor final
   static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
       CallSessionCore& core, absl::string_view token) {
     auto reactor = std::make_shared<WatchEventsReactor>();
-    reactor->self_ = reactor;
+    {
+      absl::MutexLock lock(&reactor->mu_);
+      reactor->self_ = reactor;
+    }
     absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
         core.WatchEvents(token, reactor);
     if (!subscription.ok()) {

@@ -202,7 +202,7 @@ TEST_F(CoreTest, ConcurrentLifecyclesLeaveNothingBehind) {
 
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
+    threads.emplace_back([&] {
       absl::BitGen random;
       std::string app = Init("worker");
       std::vector<uint64_t> lines;

@@ -338,9 +338,8 @@ bool CallSessionCore::DetachLineLocked(Line& line,
                                        std::vector<uint64_t>* handles) {
   if (!line.open) return false;
   line.open = false;
-  Device& device = *line.device;
-  device.owner_lines.erase(line.open_order);
-  device.monitor_lines.erase(line.open_order);
+  line.device->owner_lines.erase(line.open_order);
+  line.device->monitor_lines.erase(line.open_order);
   {
     absl::MutexLock lock(&line.mu);
     handles->assign(line.call_handles.begin(), line.call_handles.end());
@@ -352,7 +351,7 @@ bool CallSessionCore::DetachLineLocked(Line& line,
   }
   store_->RemoveLine(line.handle);
   // Last: this may hold the only other reference to the line.
-  device.lines.erase(line.open_order);
+  line.device->lines.erase(line.open_order);
   return true;
 }
 
@@ -550,6 +549,7 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   Device& device = *line->device;
 
   absl::MutexLock device_lock(&device.mu);
+  line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
   std::shared_ptr<Call> call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
@@ -698,6 +698,7 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
                       FindOwnLine(*app, request.line_handle()));
   Device& device = *line->device;
   absl::MutexLock device_lock(&device.mu);
+  line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
   for (Call* unowned_ptr : device.calls) {
     // Every call in device.calls is still in the store: FreeCall removes
