@@ -28,8 +28,7 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
 ABSL_FLAG(std::string, token, "", "app token (default: $CALLSESSION_APP_TOKEN)");
-ABSL_FLAG(std::string, provider_token, "",
-          "provider token (default: $CALLSESSION_PROVIDER_TOKEN)");
+ABSL_FLAG(std::string, provider_token, "", "provider token (default: $CALLSESSION_PROVIDER_TOKEN)");
 ABSL_FLAG(absl::Duration, deadline, absl::Seconds(5), "deadline of each call");
 ABSL_FLAG(int32_t, count, 0, "watch: stop after this many events (0: until the stream ends)");
 ABSL_FLAG(absl::Duration, idle_timeout, absl::InfiniteDuration(),
@@ -189,11 +188,11 @@ class Demo {
     if (!Step("DeallocateCall", ctx_.app.DeallocateCall(handle))) return 1;
     absl::StatusOr<v1::CallInfo> gone = ctx_.app.GetCallInfo(handle);
     if (gone.ok() || TapiReason(gone.status()) != "LINEERR_INVALCALLHANDLE") {
-      return Broken("GetCallInfo on the deallocated handle should fail with "
-                    "LINEERR_INVALCALLHANDLE");
+      return Broken(
+          "GetCallInfo on the deallocated handle should fail with "
+          "LINEERR_INVALCALLHANDLE");
     }
-    std::cout << "ok  GetCallInfo on the deallocated handle: " << Describe(gone.status())
-              << "\n";
+    std::cout << "ok  GetCallInfo on the deallocated handle: " << Describe(gone.status()) << "\n";
     if (!Step("LineClose", ctx_.app.LineClose(*line))) return 1;
 
     std::cout << "events received:\n";
@@ -205,7 +204,7 @@ class Demo {
       if (event->has_call_state()) states.push_back(event->call_state().call_state());
     }
     if (states != std::vector<v1::CallState>{v1::CALL_STATE_DIALING, v1::CALL_STATE_CONNECTED,
-                                              v1::CALL_STATE_IDLE}) {
+                                             v1::CALL_STATE_IDLE}) {
       return Broken("expected CallStateEvents DIALING, CONNECTED, IDLE");
     }
     if (!Step("Shutdown", ctx_.app.Shutdown())) return 1;
@@ -250,9 +249,7 @@ class Demo {
 };
 
 int Dispatch(Context& ctx, const std::string& command, const Args& args) {
-  auto need = [&](size_t min, size_t max) {
-    return args.size() >= min && args.size() <= max;
-  };
+  auto need = [&](size_t min, size_t max) { return args.size() >= min && args.size() <= max; };
   auto handle_arg = [&](size_t i) { return ParseHandle(args[i]); };
 
   if (command == "init") {
@@ -267,8 +264,7 @@ int Dispatch(Context& ctx, const std::string& command, const Args& args) {
     absl::StatusOr<std::vector<v1::CallPrivilege>> privileges =
         ParsePrivileges(args.size() > 1 ? args[1] : "");
     if (!privileges.ok()) return Fail(privileges.status());
-    absl::StatusOr<uint64_t> line =
-        ctx.app.LineOpen(static_cast<uint32_t>(*device), *privileges);
+    absl::StatusOr<uint64_t> line = ctx.app.LineOpen(static_cast<uint32_t>(*device), *privileges);
     if (!line.ok()) return Fail(line.status());
     std::cout << "{\"line_handle\":\"" << *line << "\"}\n";
     return 0;
@@ -301,9 +297,7 @@ int Dispatch(Context& ctx, const std::string& command, const Args& args) {
       {"info", [&](uint64_t h) { return PrintOr(ctx.app.GetCallInfo(h)); }},
       {"status", [&](uint64_t h) { return PrintOr(ctx.app.GetCallStatus(h)); }},
       {"force-close",
-       [&](uint64_t h) {
-         return PrintOk(ctx.provider.ForceLineClose(static_cast<uint32_t>(h)));
-       }},
+       [&](uint64_t h) { return PrintOk(ctx.provider.ForceLineClose(static_cast<uint32_t>(h))); }},
   };
   if (auto it = by_handle.find(command); it != by_handle.end()) {
     if (!need(1, 1)) return Usage(absl::StrCat(command, " takes one argument"));
@@ -360,14 +354,13 @@ int main(int argc, char** argv) {
 
   callsession::ClientOptions options;
   options.deadline = absl::GetFlag(FLAGS_deadline);
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server),
-                                     grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   callsession::Context ctx{
       callsession::CallSessionClient(channel, options),
       callsession::ProviderClient(
           channel,
-          callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token),
-                                 "CALLSESSION_PROVIDER_TOKEN"),
+          callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token), "CALLSESSION_PROVIDER_TOKEN"),
           options)};
   ctx.app.set_token(callsession::FlagOrEnv(absl::GetFlag(FLAGS_token), "CALLSESSION_APP_TOKEN"));
   return callsession::Dispatch(ctx, positional[1],

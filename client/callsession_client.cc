@@ -15,11 +15,9 @@ constexpr char kErrorInfoTypeUrl[] = "type.googleapis.com/google.rpc.ErrorInfo";
 
 // Calls one unary method of a stub with a deadline and the token.
 template <typename Stub, typename Request, typename Response>
-absl::StatusOr<Response> Invoke(Stub& stub,
-                                grpc::Status (Stub::*method)(grpc::ClientContext*,
-                                                             const Request&, Response*),
-                                const Request& request, absl::Duration deadline,
-                                const std::string& token) {
+absl::StatusOr<Response> Invoke(
+    Stub& stub, grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+    const Request& request, absl::Duration deadline, const std::string& token) {
   grpc::ClientContext context;
   PrepareContext(&context, deadline, token);
   Response response;
@@ -32,8 +30,7 @@ absl::StatusOr<Response> Invoke(Stub& stub,
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
-  absl::Status result(static_cast<absl::StatusCode>(status.error_code()),
-                      status.error_message());
+  absl::Status result(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
   google::rpc::Status details;
   if (!status.error_details().empty() && details.ParseFromString(status.error_details())) {
     for (const google::protobuf::Any& detail : details.details()) {
@@ -90,9 +87,7 @@ void EventStream::ReadLoop(v1::CallSessionService::Stub* stub) {
 
 absl::StatusOr<v1::Event> EventStream::Next(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
-  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !events_.empty() || ended_;
-  };
+  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !events_.empty() || ended_; };
   mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
   if (!events_.empty()) {
     v1::Event event = std::move(events_.front());
@@ -110,8 +105,7 @@ CallSessionClient::CallSessionClient(std::shared_ptr<grpc::ChannelInterface> cha
                                      ClientOptions options)
     : options_(options), stub_(v1::CallSessionService::NewStub(channel)) {}
 
-absl::StatusOr<v1::InitializeResponse> CallSessionClient::Initialize(
-    absl::string_view app_name) {
+absl::StatusOr<v1::InitializeResponse> CallSessionClient::Initialize(absl::string_view app_name) {
   v1::InitializeRequest request;
   request.set_app_name(std::string(app_name));
   absl::StatusOr<v1::InitializeResponse> response =
@@ -131,8 +125,8 @@ absl::StatusOr<uint64_t> CallSessionClient::LineOpen(
   v1::LineOpenRequest request;
   request.set_device_id(device_id);
   for (v1::CallPrivilege privilege : privileges) request.add_privileges(privilege);
-  absl::StatusOr<v1::LineOpenResponse> response = Invoke(
-      *stub_, &v1::CallSessionService::Stub::LineOpen, request, options_.deadline, token_);
+  absl::StatusOr<v1::LineOpenResponse> response =
+      Invoke(*stub_, &v1::CallSessionService::Stub::LineOpen, request, options_.deadline, token_);
   if (!response.ok()) return response.status();
   return response->line_handle();
 }
@@ -145,8 +139,9 @@ absl::Status CallSessionClient::LineClose(uint64_t line_handle) {
       .status();
 }
 
-absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(
-    uint64_t line_handle, absl::string_view dest_address, absl::string_view request_id) {
+absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(uint64_t line_handle,
+                                                                 absl::string_view dest_address,
+                                                                 absl::string_view request_id) {
   v1::MakeCallRequest request;
   request.set_line_handle(line_handle);
   request.set_dest_address(std::string(dest_address));
@@ -158,8 +153,7 @@ absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(
 absl::Status CallSessionClient::Answer(uint64_t call_handle) {
   v1::AnswerRequest request;
   request.set_call_handle(call_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::Answer, request, options_.deadline,
-                token_)
+  return Invoke(*stub_, &v1::CallSessionService::Stub::Answer, request, options_.deadline, token_)
       .status();
 }
 
@@ -191,8 +185,8 @@ absl::StatusOr<v1::CallStatus> CallSessionClient::GetCallStatus(uint64_t call_ha
 absl::Status CallSessionClient::DeallocateCall(uint64_t call_handle) {
   v1::DeallocateCallRequest request;
   request.set_call_handle(call_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::DeallocateCall, request,
-                options_.deadline, token_)
+  return Invoke(*stub_, &v1::CallSessionService::Stub::DeallocateCall, request, options_.deadline,
+                token_)
       .status();
 }
 
@@ -202,8 +196,7 @@ absl::StatusOr<std::vector<uint64_t>> CallSessionClient::GetNewCalls(uint64_t li
   absl::StatusOr<v1::GetNewCallsResponse> response = Invoke(
       *stub_, &v1::CallSessionService::Stub::GetNewCalls, request, options_.deadline, token_);
   if (!response.ok()) return response.status();
-  return std::vector<uint64_t>(response->call_handles().begin(),
-                               response->call_handles().end());
+  return std::vector<uint64_t>(response->call_handles().begin(), response->call_handles().end());
 }
 
 std::unique_ptr<EventStream> CallSessionClient::WatchEvents() {
@@ -218,15 +211,14 @@ ProviderClient::ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel,
       stub_(v1::ProviderService::NewStub(channel)),
       token_(std::move(provider_token)) {}
 
-absl::StatusOr<uint64_t> ProviderClient::OfferCall(uint32_t device_id,
-                                                   absl::string_view caller_id,
+absl::StatusOr<uint64_t> ProviderClient::OfferCall(uint32_t device_id, absl::string_view caller_id,
                                                    absl::string_view called_id) {
   v1::OfferCallRequest request;
   request.set_device_id(device_id);
   request.set_caller_id(std::string(caller_id));
   request.set_called_id(std::string(called_id));
-  absl::StatusOr<v1::OfferCallResponse> response = Invoke(
-      *stub_, &v1::ProviderService::Stub::OfferCall, request, options_.deadline, token_);
+  absl::StatusOr<v1::OfferCallResponse> response =
+      Invoke(*stub_, &v1::ProviderService::Stub::OfferCall, request, options_.deadline, token_);
   if (!response.ok()) return response.status();
   return response->call_id();
 }
@@ -243,8 +235,8 @@ absl::Status ProviderClient::SetCallState(uint64_t call_id, v1::CallState state)
 absl::Status ProviderClient::ForceLineClose(uint32_t device_id) {
   v1::ForceLineCloseRequest request;
   request.set_device_id(device_id);
-  return Invoke(*stub_, &v1::ProviderService::Stub::ForceLineClose, request,
-                options_.deadline, token_)
+  return Invoke(*stub_, &v1::ProviderService::Stub::ForceLineClose, request, options_.deadline,
+                token_)
       .status();
 }
 

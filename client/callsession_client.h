@@ -114,8 +114,8 @@ class CallSessionClient {
 // ProviderService: the telephony side.
 class ProviderClient {
  public:
-  ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel,
-                 std::string provider_token, ClientOptions options = {});
+  ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel, std::string provider_token,
+                 ClientOptions options = {});
 
   absl::StatusOr<uint64_t> OfferCall(uint32_t device_id, absl::string_view caller_id,
                                      absl::string_view called_id);

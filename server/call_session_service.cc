@@ -19,12 +19,11 @@ namespace {
 // Ownership: the reactor owns itself through self_ from creation to OnDone;
 // the event queue may hold further references, which keep a finished
 // reactor's memory valid but never write again.
-class WatchEventsReactor final
-    : public grpc::ServerWriteReactor<v1::WatchEventsResponse>,
-      public EventSink {
+class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEventsResponse>,
+                                 public EventSink {
  public:
-  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
-      CallSessionCore& core, absl::string_view token) {
+  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(CallSessionCore& core,
+                                                                  absl::string_view token) {
     auto reactor = std::make_shared<WatchEventsReactor>();
     {
       absl::MutexLock lock(&reactor->mu_);
@@ -46,9 +45,7 @@ class WatchEventsReactor final
 
   void OnEventsAvailable() override { Pump(); }
 
-  void OnSubscriptionEnded(const absl::Status& why) override {
-    End(ToGrpcStatus(why));
-  }
+  void OnSubscriptionEnded(const absl::Status& why) override { End(ToGrpcStatus(why)); }
 
   void OnWriteDone(bool ok) override {
     std::optional<grpc::Status> finish;
@@ -56,8 +53,7 @@ class WatchEventsReactor final
       absl::MutexLock lock(&mu_);
       writing_ = false;
       if (!ok) {
-        pending_finish_ = grpc::Status(grpc::StatusCode::CANCELLED,
-                                       "the event stream broke");
+        pending_finish_ = grpc::Status(grpc::StatusCode::CANCELLED, "the event stream broke");
       }
       finish = TakePendingFinishLocked();
     }
@@ -107,8 +103,7 @@ class WatchEventsReactor final
     if (finish.has_value()) Finish(*finish);
   }
 
-  std::optional<grpc::Status> TakePendingFinishLocked()
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  std::optional<grpc::Status> TakePendingFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || !pending_finish_.has_value()) return std::nullopt;
     finished_ = true;
     return std::exchange(pending_finish_, std::nullopt);
@@ -126,74 +121,70 @@ class WatchEventsReactor final
 
 }  // namespace
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(
-    grpc::CallbackServerContext* context, const v1::InitializeRequest* request,
-    v1::InitializeResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(grpc::CallbackServerContext* context,
+                                                             const v1::InitializeRequest* request,
+                                                             v1::InitializeResponse* response) {
   return FinishUnary(context, core_.Initialize(*request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(
-    grpc::CallbackServerContext* context, const v1::ShutdownRequest* request,
-    v1::ShutdownResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(grpc::CallbackServerContext* context,
+                                                           const v1::ShutdownRequest* request,
+                                                           v1::ShutdownResponse* response) {
   return FinishUnary(context, core_.Shutdown(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::LineOpen(
-    grpc::CallbackServerContext* context, const v1::LineOpenRequest* request,
-    v1::LineOpenResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::LineOpen(grpc::CallbackServerContext* context,
+                                                           const v1::LineOpenRequest* request,
+                                                           v1::LineOpenResponse* response) {
   return FinishUnary(context, core_.LineOpen(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::LineClose(
-    grpc::CallbackServerContext* context, const v1::LineCloseRequest* request,
-    v1::LineCloseResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::LineClose(grpc::CallbackServerContext* context,
+                                                            const v1::LineCloseRequest* request,
+                                                            v1::LineCloseResponse* response) {
   return FinishUnary(context, core_.LineClose(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::MakeCall(
-    grpc::CallbackServerContext* context, const v1::MakeCallRequest* request,
-    v1::MakeCallResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::MakeCall(grpc::CallbackServerContext* context,
+                                                           const v1::MakeCallRequest* request,
+                                                           v1::MakeCallResponse* response) {
   return FinishUnary(context, core_.MakeCall(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::Answer(
-    grpc::CallbackServerContext* context, const v1::AnswerRequest* request,
-    v1::AnswerResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::Answer(grpc::CallbackServerContext* context,
+                                                         const v1::AnswerRequest* request,
+                                                         v1::AnswerResponse* response) {
   return FinishUnary(context, core_.Answer(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::Drop(
-    grpc::CallbackServerContext* context, const v1::DropRequest* request,
-    v1::DropResponse* response) {
+grpc::ServerUnaryReactor* CallSessionGrpcService::Drop(grpc::CallbackServerContext* context,
+                                                       const v1::DropRequest* request,
+                                                       v1::DropResponse* response) {
   return FinishUnary(context, core_.Drop(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallInfo(
-    grpc::CallbackServerContext* context, const v1::GetCallInfoRequest* request,
-    v1::GetCallInfoResponse* response) {
-  return FinishUnary(context,
-                     core_.GetCallInfo(BearerToken(*context), *request, response));
+grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallInfo(grpc::CallbackServerContext* context,
+                                                              const v1::GetCallInfoRequest* request,
+                                                              v1::GetCallInfoResponse* response) {
+  return FinishUnary(context, core_.GetCallInfo(BearerToken(*context), *request, response));
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallStatus(
     grpc::CallbackServerContext* context, const v1::GetCallStatusRequest* request,
     v1::GetCallStatusResponse* response) {
-  return FinishUnary(context,
-                     core_.GetCallStatus(BearerToken(*context), *request, response));
+  return FinishUnary(context, core_.GetCallStatus(BearerToken(*context), *request, response));
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::DeallocateCall(
     grpc::CallbackServerContext* context, const v1::DeallocateCallRequest* request,
     v1::DeallocateCallResponse* response) {
-  return FinishUnary(context,
-                     core_.DeallocateCall(BearerToken(*context), *request, response));
+  return FinishUnary(context, core_.DeallocateCall(BearerToken(*context), *request, response));
 }
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(
-    grpc::CallbackServerContext* context, const v1::GetNewCallsRequest* request,
-    v1::GetNewCallsResponse* response) {
-  return FinishUnary(context,
-                     core_.GetNewCalls(BearerToken(*context), *request, response));
+grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(grpc::CallbackServerContext* context,
+                                                              const v1::GetNewCallsRequest* request,
+                                                              v1::GetNewCallsResponse* response) {
+  return FinishUnary(context, core_.GetNewCalls(BearerToken(*context), *request, response));
 }
 
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(

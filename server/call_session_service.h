@@ -9,8 +9,7 @@
 
 namespace callsession {
 
-class CallSessionGrpcService final
-    : public v1::CallSessionService::CallbackService {
+class CallSessionGrpcService final : public v1::CallSessionService::CallbackService {
  public:
   // `core` is not owned and must outlive the service.
   explicit CallSessionGrpcService(CallSessionCore* core) : core_(*core) {}
@@ -39,20 +38,17 @@ class CallSessionGrpcService final
   grpc::ServerUnaryReactor* GetCallInfo(grpc::CallbackServerContext* context,
                                         const v1::GetCallInfoRequest* request,
                                         v1::GetCallInfoResponse* response) override;
-  grpc::ServerUnaryReactor* GetCallStatus(
-      grpc::CallbackServerContext* context,
-      const v1::GetCallStatusRequest* request,
-      v1::GetCallStatusResponse* response) override;
-  grpc::ServerUnaryReactor* DeallocateCall(
-      grpc::CallbackServerContext* context,
-      const v1::DeallocateCallRequest* request,
-      v1::DeallocateCallResponse* response) override;
+  grpc::ServerUnaryReactor* GetCallStatus(grpc::CallbackServerContext* context,
+                                          const v1::GetCallStatusRequest* request,
+                                          v1::GetCallStatusResponse* response) override;
+  grpc::ServerUnaryReactor* DeallocateCall(grpc::CallbackServerContext* context,
+                                           const v1::DeallocateCallRequest* request,
+                                           v1::DeallocateCallResponse* response) override;
   grpc::ServerUnaryReactor* GetNewCalls(grpc::CallbackServerContext* context,
                                         const v1::GetNewCallsRequest* request,
                                         v1::GetNewCallsResponse* response) override;
   grpc::ServerWriteReactor<v1::WatchEventsResponse>* WatchEvents(
-      grpc::CallbackServerContext* context,
-      const v1::WatchEventsRequest* request) override;
+      grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) override;
 
  private:
   CallSessionCore& core_;

@@ -2,9 +2,8 @@
 #ifndef CALLSESSION_SERVER_GRPC_EDGE_H_
 #define CALLSESSION_SERVER_GRPC_EDGE_H_
 
-#include "absl/strings/string_view.h"
-
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/server_callback.h"
 #include "grpcpp/support/status.h"

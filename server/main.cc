@@ -20,8 +20,7 @@ ABSL_FLAG(int32_t, shards, 64, "shards per handle table, a power of two");
 ABSL_FLAG(uint64_t, event_queue_limit, 10000,
           "undelivered events kept per application; the oldest are "
           "discarded past it");
-ABSL_FLAG(uint64_t, request_id_cache, 1024,
-          "MakeCall request_ids remembered per application");
+ABSL_FLAG(uint64_t, request_id_cache, 1024, "MakeCall request_ids remembered per application");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "how long in-flight RPCs may run after SIGTERM");
 
@@ -52,16 +51,14 @@ int main(int argc, char** argv) {
 
   auto server = callsession::CallSessionServer::Start(options);
   if (!server.ok()) {
-    std::fprintf(stderr,
-                 "{\"level\":\"error\",\"event\":\"start_failed\",\"error\":\"%s\"}\n",
+    std::fprintf(stderr, "{\"level\":\"error\",\"event\":\"start_failed\",\"error\":\"%s\"}\n",
                  std::string(server.status().message()).c_str());
     return 1;
   }
   std::fprintf(stderr,
                "{\"level\":\"info\",\"event\":\"listening\",\"address\":\"%s\","
                "\"devices\":%u,\"shards\":%d,\"provider_service\":%s}\n",
-               (*server)->address().c_str(), options.core.num_devices,
-               options.core.shards,
+               (*server)->address().c_str(), options.core.num_devices, options.core.shards,
                options.core.provider_token.empty() ? "false" : "true");
 
   int signal_number = 0;

@@ -19,10 +19,9 @@ class ProviderGrpcService final : public v1::ProviderService::CallbackService {
   grpc::ServerUnaryReactor* SetCallState(grpc::CallbackServerContext* context,
                                          const v1::SetCallStateRequest* request,
                                          v1::SetCallStateResponse* response) override;
-  grpc::ServerUnaryReactor* ForceLineClose(
-      grpc::CallbackServerContext* context,
-      const v1::ForceLineCloseRequest* request,
-      v1::ForceLineCloseResponse* response) override;
+  grpc::ServerUnaryReactor* ForceLineClose(grpc::CallbackServerContext* context,
+                                           const v1::ForceLineCloseRequest* request,
+                                           v1::ForceLineCloseResponse* response) override;
 
  private:
   CallSessionCore& core_;

@@ -16,8 +16,7 @@ absl::Status SplitHostPort(const std::string& address, std::string* host) {
   const size_t colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 ||
-      port > 65535) {
+      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
     return absl::InvalidArgumentError(
         absl::StrCat("listen address must be HOST:PORT, got \"", address, "\""));
   }
@@ -27,8 +26,7 @@ absl::Status SplitHostPort(const std::string& address, std::string* host) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(
-    ServerOptions options) {
+absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(ServerOptions options) {
   CS_RETURN_IF_ERROR(ValidateCoreOptions(options.core));
   std::string host;
   CS_RETURN_IF_ERROR(SplitHostPort(options.listen_address, &host));
@@ -38,8 +36,7 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(
 
   std::unique_ptr<CallSessionServer> server(new CallSessionServer());
   server->core_ = std::make_unique<CallSessionCore>(std::move(options.core));
-  server->call_session_service_ =
-      std::make_unique<CallSessionGrpcService>(server->core_.get());
+  server->call_session_service_ = std::make_unique<CallSessionGrpcService>(server->core_.get());
   server->provider_service_ = std::make_unique<ProviderGrpcService>(server->core_.get());
 
   grpc::ServerBuilder builder;
@@ -50,8 +47,7 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(
   builder.RegisterService(server->provider_service_.get());
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options.listen_address));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
   server->address_ = absl::StrCat(host, ":", server->port_);
   return server;

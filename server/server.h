@@ -30,8 +30,7 @@ class CallSessionServer {
   // Builds the core and services and starts serving. Errors:
   // INVALID_ARGUMENT for bad options, UNAVAILABLE if the address cannot be
   // bound.
-  static absl::StatusOr<std::unique_ptr<CallSessionServer>> Start(
-      ServerOptions options);
+  static absl::StatusOr<std::unique_ptr<CallSessionServer>> Start(ServerOptions options);
 
   // Shuts down with no grace if Shutdown was not called.
   ~CallSessionServer();

@@ -2,14 +2,13 @@
 // The full list of semantic rules is tested through a real channel in
 // service_test.cc; these cover what is easier to see from inside: the
 // injected clock, counters, and concurrency.
-#include "server/core/call_session_core.h"
-
 #include <atomic>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/random/random.h"
+#include "server/core/call_session_core.h"
 #include "server/core/tapi_error.h"
 #include "tests/test_support.h"
 
@@ -211,16 +210,15 @@ TEST_F(CoreTest, ConcurrentLifecyclesLeaveNothingBehind) {
         const uint32_t device = absl::Uniform<uint32_t>(random, 0, 2);
         const int dice = absl::Uniform(random, 0, 100);
         if (lines.empty() || dice < 5) {
-          lines.push_back(Open(app, device,
-                               {v1::CALL_PRIVILEGE_OWNER, v1::CALL_PRIVILEGE_MONITOR}));
+          lines.push_back(
+              Open(app, device, {v1::CALL_PRIVILEGE_OWNER, v1::CALL_PRIVILEGE_MONITOR}));
         } else if (dice < 40) {
           auto call = Make(app, lines[absl::Uniform<size_t>(random, 0, lines.size())]);
           expect_ok_or(call.status(), {"LINEERR_INVALLINEHANDLE"});
           if (call.ok()) calls.push_back(call->call_handle());
         } else if (dice < 55 && !calls.empty()) {
           expect_ok_or(Drop(app, calls[absl::Uniform<size_t>(random, 0, calls.size())]),
-                       {"LINEERR_INVALCALLHANDLE", "LINEERR_INVALCALLSTATE",
-                        "LINEERR_NOTOWNER"});
+                       {"LINEERR_INVALCALLHANDLE", "LINEERR_INVALCALLSTATE", "LINEERR_NOTOWNER"});
         } else if (dice < 70 && !calls.empty()) {
           const size_t k = absl::Uniform<size_t>(random, 0, calls.size());
           absl::Status status = Deallocate(app, calls[k]);

@@ -125,10 +125,9 @@ TEST(EndToEndTest, CallctlDemoRunsAWholeLifecycleAgainstCallsessiond) {
 
   CommandResult demo = Callctl(absl::StrCat("--server=", address, " demo 2"));
   EXPECT_EQ(demo.exit_code, 0) << demo.output;
-  for (const char* step :
-       {"ok  Initialize", "ok  MakeCall", "ok  provider SetCallState CONNECTED", "ok  Drop",
-        "ok  GetCallInfo on the IDLE call", "ok  DeallocateCall", "ok  LineClose",
-        "CALL_STATE_IDLE", "demo complete"}) {
+  for (const char* step : {"ok  Initialize", "ok  MakeCall", "ok  provider SetCallState CONNECTED",
+                           "ok  Drop", "ok  GetCallInfo on the IDLE call", "ok  DeallocateCall",
+                           "ok  LineClose", "CALL_STATE_IDLE", "demo complete"}) {
     EXPECT_TRUE(absl::StrContains(demo.output, step)) << "missing \"" << step << "\" in\n"
                                                       << demo.output;
   }

@@ -215,8 +215,7 @@ TEST_F(ServiceTest, MonitorsGetTheirOwnHandleThenStateEvents) {
   ASSERT_THAT(provider_->SetCallState(call.call_id(), v1::CALL_STATE_RINGBACK), IsOk());
   ASSERT_THAT(caller->Drop(call.call_handle()), IsOk());
   for (auto* stream : {caller_events.get(), monitor_events.get()}) {
-    const uint64_t handle =
-        stream == caller_events.get() ? call.call_handle() : monitor_handle;
+    const uint64_t handle = stream == caller_events.get() ? call.call_handle() : monitor_handle;
     for (CallState expected : {v1::CALL_STATE_RINGBACK, v1::CALL_STATE_IDLE}) {
       const v1::Event event = NextEvent(*stream);
       EXPECT_EQ(event.call_state().call_handle(), handle);
@@ -423,8 +422,7 @@ TEST_F(ServiceTest, ProviderMovesCallsToAnyStateButNothingLeavesIdle) {
   EXPECT_THAT(provider_->SetCallState(call.call_id(), v1::CALL_STATE_IDLE), InvalidCallState());
   EXPECT_EQ(StateOf(*app, call.call_handle()), v1::CALL_STATE_IDLE);
 
-  EXPECT_THAT(provider_->SetCallState(987654321, v1::CALL_STATE_CONNECTED),
-              InvalidCallHandle());
+  EXPECT_THAT(provider_->SetCallState(987654321, v1::CALL_STATE_CONNECTED), InvalidCallHandle());
   ASSERT_THAT(app->DeallocateCall(call.call_handle()), IsOk());
   EXPECT_THAT(provider_->SetCallState(call.call_id(), v1::CALL_STATE_CONNECTED),
               InvalidCallHandle())
@@ -668,7 +666,8 @@ TEST_F(ServiceTest, MakeCallWithASeenRequestIdReturnsTheFirstResponse) {
   EXPECT_NE(theirs->call_id(), first->call_id());
 
   // The cache is bounded (4 per app in this test): old ids are forgotten.
-  for (int i = 2; i <= 5; ++i) ASSERT_THAT(app->MakeCall(line, "+1555", absl::StrCat("req-", i)), IsOk());
+  for (int i = 2; i <= 5; ++i)
+    ASSERT_THAT(app->MakeCall(line, "+1555", absl::StrCat("req-", i)), IsOk());
   absl::StatusOr<v1::MakeCallResponse> forgotten = app->MakeCall(line, "+1555", "req-1");
   ASSERT_THAT(forgotten, IsOk());
   EXPECT_NE(forgotten->call_id(), first->call_id());
@@ -696,7 +695,9 @@ TEST_F(ServiceTest, BadInputGetsItsPreciseErrorAndChangesNothing) {
   EXPECT_THAT(app->MakeCall(line, std::string(129, '5')), InvalidArgument("LINEERR_INVALADDRESS"));
   EXPECT_THAT(app->MakeCall(line, std::string(128, '5')), IsOk()) << "128 bytes is allowed";
   EXPECT_THAT(app->MakeCall(line, "+1555\n"), InvalidArgument("LINEERR_INVALADDRESS"));
-  EXPECT_THAT(app->MakeCall(line, std::string("12\0" "3", 4)),
+  EXPECT_THAT(app->MakeCall(line, std::string("12\0"
+                                              "3",
+                                              4)),
               InvalidArgument("LINEERR_INVALADDRESS"));
   EXPECT_THAT(app->MakeCall(line, "caf\xc3\xa9"), InvalidArgument("LINEERR_INVALADDRESS"));
   EXPECT_THAT(app->MakeCall(line, "1", std::string(129, 'r')),

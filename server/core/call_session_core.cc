@@ -26,12 +26,10 @@ constexpr size_t kTokenHandleDigits = 16;
 constexpr size_t kTokenLength = kTokenHandleDigits + 32;
 
 bool IsPrintableAscii(absl::string_view s) {
-  return std::all_of(s.begin(), s.end(),
-                     [](char c) { return c >= 0x20 && c <= 0x7e; });
+  return std::all_of(s.begin(), s.end(), [](char c) { return c >= 0x20 && c <= 0x7e; });
 }
 
-absl::Status CheckAddress(absl::string_view field, absl::string_view value,
-                          bool allow_empty) {
+absl::Status CheckAddress(absl::string_view field, absl::string_view value, bool allow_empty) {
   if (value.empty() && !allow_empty) {
     return TapiError(TapiErrorCode::kInvalAddress, absl::StrCat(field, " is empty"));
   }
@@ -127,23 +125,19 @@ Holder* FindHolderLocked(Call& call, uint64_t handle, const App* app)
   return nullptr;
 }
 
-bool HoldsLocked(const Call& call, const App* app)
-    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+bool HoldsLocked(const Call& call, const App* app) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
   return std::any_of(call.holders.begin(), call.holders.end(),
                      [app](const Holder& h) { return h.app == app; });
 }
 
-size_t CountLocked(const Call& call, CallPrivilege privilege)
-    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
-  return std::count_if(
-      call.holders.begin(), call.holders.end(),
-      [privilege](const Holder& h) { return h.privilege == privilege; });
+size_t CountLocked(const Call& call, CallPrivilege privilege) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  return std::count_if(call.holders.begin(), call.holders.end(),
+                       [privilege](const Holder& h) { return h.privilege == privilege; });
 }
 
 // True if `holder` is the call's only owner: then the call is its app's
 // alone, and that app may not walk away from it while it is live.
-bool IsSoleOwnerLocked(const Call& call, const Holder& holder)
-    ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+bool IsSoleOwnerLocked(const Call& call, const Holder& holder) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
   return holder.privilege == v1::CALL_PRIVILEGE_OWNER &&
          CountLocked(call, v1::CALL_PRIVILEGE_OWNER) == 1;
 }
@@ -153,13 +147,12 @@ bool IsSoleOwnerLocked(const Call& call, const Holder& holder)
 absl::Status ValidateCoreOptions(const CoreOptions& options) {
   if (options.num_devices < 1 || options.num_devices > kMaxDevices) {
     return absl::InvalidArgumentError(
-        absl::StrCat("devices must be between 1 and ", kMaxDevices, ", got ",
-                     options.num_devices));
+        absl::StrCat("devices must be between 1 and ", kMaxDevices, ", got ", options.num_devices));
   }
   if (options.shards < 1 || options.shards > (1 << 16) ||
       (options.shards & (options.shards - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shards must be a power of two between 1 and 65536, got ", options.shards));
+    return absl::InvalidArgumentError(
+        absl::StrCat("shards must be a power of two between 1 and 65536, got ", options.shards));
   }
   if (options.event_queue_limit < 1) {
     return absl::InvalidArgumentError("event_queue_limit must be at least 1");
@@ -170,8 +163,7 @@ absl::Status ValidateCoreOptions(const CoreOptions& options) {
   return absl::OkStatus();
 }
 
-EventSubscription::EventSubscription(CallSessionCore* core,
-                                     std::shared_ptr<App> app,
+EventSubscription::EventSubscription(CallSessionCore* core, std::shared_ptr<App> app,
                                      std::shared_ptr<EventSink> sink)
     : core_(core), app_(std::move(app)), sink_(std::move(sink)) {
   absl::MutexLock lock(&core_->subscriptions_mu_);
@@ -186,15 +178,11 @@ EventSubscription::~EventSubscription() {
   app_->events.Detach(sink_.get());
 }
 
-bool EventSubscription::Next(v1::Event* event) {
-  return app_->events.Next(sink_.get(), event);
-}
+bool EventSubscription::Next(v1::Event* event) { return app_->events.Next(sink_.get(), event); }
 
-CallSessionCore::CallSessionCore(CoreOptions options,
-                                 std::unique_ptr<SessionStore> store)
+CallSessionCore::CallSessionCore(CoreOptions options, std::unique_ptr<SessionStore> store)
     : options_(std::move(options)),
-      store_(store != nullptr ? std::move(store)
-                              : NewShardedMemoryStore(options_.shards)) {
+      store_(store != nullptr ? std::move(store) : NewShardedMemoryStore(options_.shards)) {
   devices_.reserve(options_.num_devices);
   for (uint32_t id = 0; id < options_.num_devices; ++id) {
     devices_.push_back(std::make_unique<Device>(id));
@@ -206,8 +194,7 @@ CallSessionCore::~CallSessionCore() = default;
 // ---------------------------------------------------------------------------
 // Lookups.
 
-absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(
-    absl::string_view token) const {
+absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(absl::string_view token) const {
   uint8_t handle_bytes[8];
   std::array<uint8_t, 16> secret;
   if (token.size() != kTokenLength ||
@@ -218,8 +205,7 @@ absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(
   uint64_t handle = 0;
   for (uint8_t byte : handle_bytes) handle = handle << 8 | byte;
   std::shared_ptr<App> app = store_->FindApp(handle);
-  if (app == nullptr ||
-      !ConstantTimeEquals(app->secret.data(), secret.data(), secret.size())) {
+  if (app == nullptr || !ConstantTimeEquals(app->secret.data(), secret.data(), secret.size())) {
     return Unauthenticated("unknown app token");
   }
   return app;
@@ -232,8 +218,7 @@ absl::Status CallSessionCore::AuthenticateProvider(absl::string_view token) cons
   }
   if (token.size() != expected.size() ||
       !ConstantTimeEquals(reinterpret_cast<const uint8_t*>(token.data()),
-                          reinterpret_cast<const uint8_t*>(expected.data()),
-                          expected.size())) {
+                          reinterpret_cast<const uint8_t*>(expected.data()), expected.size())) {
     return Unauthenticated("missing or wrong provider token");
   }
   return absl::OkStatus();
@@ -242,24 +227,21 @@ absl::Status CallSessionCore::AuthenticateProvider(absl::string_view token) cons
 absl::StatusOr<Device*> CallSessionCore::FindDevice(uint32_t device_id) const {
   if (device_id >= devices_.size()) {
     return TapiError(TapiErrorCode::kBadDeviceId,
-                     absl::StrCat("device_id ", device_id, " is not below ",
-                                  devices_.size()));
+                     absl::StrCat("device_id ", device_id, " is not below ", devices_.size()));
   }
   return devices_[device_id].get();
 }
 
-absl::StatusOr<std::shared_ptr<Line>> CallSessionCore::FindOwnLine(
-    const App& app, uint64_t line_handle) const {
-  std::shared_ptr<Line> line =
-      line_handle == 0 ? nullptr : store_->FindLine(line_handle);
+absl::StatusOr<std::shared_ptr<Line>> CallSessionCore::FindOwnLine(const App& app,
+                                                                   uint64_t line_handle) const {
+  std::shared_ptr<Line> line = line_handle == 0 ? nullptr : store_->FindLine(line_handle);
   if (line == nullptr || line->app.get() != &app) return InvalidLineHandle();
   return line;
 }
 
 absl::StatusOr<std::shared_ptr<Call>> CallSessionCore::FindCallOfHandle(
     uint64_t call_handle) const {
-  std::shared_ptr<Call> call =
-      call_handle == 0 ? nullptr : store_->FindCallHandle(call_handle);
+  std::shared_ptr<Call> call = call_handle == 0 ? nullptr : store_->FindCallHandle(call_handle);
   if (call == nullptr) return InvalidCallHandle();
   return call;
 }
@@ -273,8 +255,8 @@ v1::Event CallSessionCore::NewEvent() const {
   return event;
 }
 
-uint64_t CallSessionCore::AddHolderLocked(const std::shared_ptr<Call>& call,
-                                          Line& line, CallPrivilege privilege) {
+uint64_t CallSessionCore::AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
+                                          CallPrivilege privilege) {
   const uint64_t handle = store_->AddCallHandle(call);
   call->holders.push_back(Holder{handle, line.app.get(), &line, privilege});
   {
@@ -291,8 +273,7 @@ void CallSessionCore::RemoveHolderLocked(Call& call, size_t index) {
   call_handles_voided_.fetch_add(1, std::memory_order_relaxed);
 }
 
-void CallSessionCore::SetStateLocked(Call& call, CallState state,
-                                     EventPublisher& events) {
+void CallSessionCore::SetStateLocked(Call& call, CallState state, EventPublisher& events) {
   call.state = state;
   call.state_entry_time = options_.clock->Now();
   if (state == v1::CALL_STATE_CONNECTED) call.connected = true;
@@ -334,8 +315,7 @@ void CallSessionCore::FreeCall(const Call& call) {
   calls_freed_.fetch_add(1, std::memory_order_relaxed);
 }
 
-bool CallSessionCore::DetachLineLocked(Line& line,
-                                       std::vector<uint64_t>* handles) {
+bool CallSessionCore::DetachLineLocked(Line& line, std::vector<uint64_t>* handles) {
   if (!line.open) return false;
   line.open = false;
   line.device->owner_lines.erase(line.open_order);
@@ -355,8 +335,8 @@ bool CallSessionCore::DetachLineLocked(Line& line,
   return true;
 }
 
-void CallSessionCore::VoidHandlesOfClosedLine(
-    const std::vector<uint64_t>& handles, EventPublisher& events) {
+void CallSessionCore::VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles,
+                                              EventPublisher& events) {
   for (uint64_t handle : handles) {
     std::shared_ptr<Call> call = store_->FindCallHandle(handle);
     if (call == nullptr) continue;  // deallocated meanwhile
@@ -366,8 +346,7 @@ void CallSessionCore::VoidHandlesOfClosedLine(
       auto it = std::find_if(call->holders.begin(), call->holders.end(),
                              [handle](const Holder& h) { return h.handle == handle; });
       if (it == call->holders.end()) continue;
-      const bool drop = IsSoleOwnerLocked(*call, *it) &&
-                        call->state != v1::CALL_STATE_IDLE;
+      const bool drop = IsSoleOwnerLocked(*call, *it) && call->state != v1::CALL_STATE_IDLE;
       RemoveHolderLocked(*call, it - call->holders.begin());
       if (drop) {
         SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
@@ -396,9 +375,9 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
                                          v1::InitializeResponse* response) {
   const std::string& name = request.app_name();
   if (name.size() > kMaxAppNameBytes || !IsPrintableAscii(name)) {
-    return TapiError(TapiErrorCode::kInvalAppName,
-                     absl::StrCat("app_name must be at most ", kMaxAppNameBytes,
-                                  " printable ASCII bytes"));
+    return TapiError(
+        TapiErrorCode::kInvalAppName,
+        absl::StrCat("app_name must be at most ", kMaxAppNameBytes, " printable ASCII bytes"));
   }
   CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
   const uint64_t handle = store_->AddApp([&](uint64_t handle) {
@@ -417,8 +396,7 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::Shutdown(absl::string_view token,
-                                       const v1::ShutdownRequest& request,
+absl::Status CallSessionCore::Shutdown(absl::string_view token, const v1::ShutdownRequest& request,
                                        v1::ShutdownResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   std::shared_ptr<EventSink> sink;
@@ -443,8 +421,7 @@ absl::Status CallSessionCore::Shutdown(absl::string_view token,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::LineOpen(absl::string_view token,
-                                       const v1::LineOpenRequest& request,
+absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOpenRequest& request,
                                        v1::LineOpenResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
@@ -491,14 +468,12 @@ absl::Status CallSessionCore::LineClose(absl::string_view token,
                                         v1::LineCloseResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events;
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line,
-                      FindOwnLine(*app, request.line_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   if (!CloseLine(*line, events)) return InvalidLineHandle();
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::MakeCall(absl::string_view token,
-                                       const v1::MakeCallRequest& request,
+absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCallRequest& request,
                                        v1::MakeCallResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   const std::string& request_id = request.request_id();
@@ -508,8 +483,7 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token,
   }
   EventPublisher events;
   if (request_id.empty() || options_.request_id_cache == 0) {
-    return PlaceOutboundCall(*app, request.line_handle(), request.dest_address(),
-                             response, events);
+    return PlaceOutboundCall(*app, request.line_handle(), request.dest_address(), response, events);
   }
 
   // Held across the call's creation, so that concurrent retries of one
@@ -527,11 +501,11 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token,
     response->set_call_id(first.call_id);
     return absl::OkStatus();
   }
-  CS_RETURN_IF_ERROR(PlaceOutboundCall(*app, request.line_handle(),
-                                       request.dest_address(), response, events));
-  app->recent_requests.emplace(
-      request_id, IdempotentMakeCall{request.line_handle(), request.dest_address(),
-                                     response->call_handle(), response->call_id()});
+  CS_RETURN_IF_ERROR(
+      PlaceOutboundCall(*app, request.line_handle(), request.dest_address(), response, events));
+  app->recent_requests.emplace(request_id,
+                               IdempotentMakeCall{request.line_handle(), request.dest_address(),
+                                                  response->call_handle(), response->call_id()});
   app->request_order.push_back(request_id);
   if (app->request_order.size() > options_.request_id_cache) {
     app->recent_requests.erase(app->request_order.front());
@@ -553,17 +527,15 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   if (!line->open) return InvalidLineHandle();
   std::shared_ptr<Call> call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
-    call = std::make_shared<Call>(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "",
-                                  dest_address, options_.clock->Now(),
-                                  v1::CALL_STATE_DIALING);
+    call = std::make_shared<Call>(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "", dest_address,
+                                  options_.clock->Now(), v1::CALL_STATE_DIALING);
     return call;
   });
   device.calls.insert(call.get());
   calls_created_.fetch_add(1, std::memory_order_relaxed);
 
   absl::MutexLock call_lock(&call->mu);
-  const uint64_t call_handle =
-      AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER);
+  const uint64_t call_handle = AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER);
   for (const auto& [order, monitor_line] : device.monitor_lines) {
     if (HoldsLocked(*call, monitor_line->app.get())) continue;
     AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
@@ -576,36 +548,30 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::Answer(absl::string_view token,
-                                     const v1::AnswerRequest& request,
+absl::Status CallSessionCore::Answer(absl::string_view token, const v1::AnswerRequest& request,
                                      v1::AnswerResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events;
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
-                      FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
   if (holder->privilege != v1::CALL_PRIVILEGE_OWNER) {
     return TapiError(TapiErrorCode::kNotOwner, "Answer needs an owner handle");
   }
-  if (call->state != v1::CALL_STATE_OFFERING &&
-      call->state != v1::CALL_STATE_ACCEPTED) {
+  if (call->state != v1::CALL_STATE_OFFERING && call->state != v1::CALL_STATE_ACCEPTED) {
     return TapiError(TapiErrorCode::kInvalCallState,
-                     absl::StrCat("cannot answer a call in ",
-                                  v1::CallState_Name(call->state)));
+                     absl::StrCat("cannot answer a call in ", v1::CallState_Name(call->state)));
   }
   SetStateLocked(*call, v1::CALL_STATE_CONNECTED, events);
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::Drop(absl::string_view token,
-                                   const v1::DropRequest& request,
+absl::Status CallSessionCore::Drop(absl::string_view token, const v1::DropRequest& request,
                                    v1::DropResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events;
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
-                      FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
@@ -623,8 +589,7 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
                                           const v1::GetCallInfoRequest& request,
                                           v1::GetCallInfoResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
-                      FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
@@ -636,9 +601,8 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
   info->set_caller_id(call->caller_id);
   info->set_called_id(call->called_id);
   if (call->connected) {
-    info->set_connected_id(call->origin == v1::CALL_ORIGIN_OUTBOUND
-                               ? call->called_id
-                               : call->caller_id);
+    info->set_connected_id(call->origin == v1::CALL_ORIGIN_OUTBOUND ? call->called_id
+                                                                    : call->caller_id);
   }
   info->set_num_owners(CountLocked(*call, v1::CALL_PRIVILEGE_OWNER));
   info->set_num_monitors(CountLocked(*call, v1::CALL_PRIVILEGE_MONITOR));
@@ -646,12 +610,11 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::GetCallStatus(
-    absl::string_view token, const v1::GetCallStatusRequest& request,
-    v1::GetCallStatusResponse* response) {
+absl::Status CallSessionCore::GetCallStatus(absl::string_view token,
+                                            const v1::GetCallStatusRequest& request,
+                                            v1::GetCallStatusResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
-                      FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
@@ -662,12 +625,11 @@ absl::Status CallSessionCore::GetCallStatus(
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::DeallocateCall(
-    absl::string_view token, const v1::DeallocateCallRequest& request,
-    v1::DeallocateCallResponse* response) {
+absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
+                                             const v1::DeallocateCallRequest& request,
+                                             v1::DeallocateCallResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call,
-                      FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
   bool free_call = false;
   {
     absl::MutexLock lock(&call->mu);
@@ -694,8 +656,7 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
                                           const v1::GetNewCallsRequest& request,
                                           v1::GetNewCallsResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line,
-                      FindOwnLine(*app, request.line_handle()));
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   Device& device = *line->device;
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
@@ -706,12 +667,10 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
     std::shared_ptr<Call> call = store_->FindCall(unowned_ptr->id);
     if (call == nullptr) continue;
     absl::MutexLock call_lock(&call->mu);
-    if (call->freed || call->state == v1::CALL_STATE_IDLE ||
-        HoldsLocked(*call, app.get())) {
+    if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
       continue;
     }
-    response->add_call_handles(
-        AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR));
+    response->add_call_handles(AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR));
   }
   return absl::OkStatus();
 }
@@ -757,9 +716,9 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   absl::MutexLock device_lock(&device->mu);
   std::shared_ptr<Call> call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
-    call = std::make_shared<Call>(id, device->id, v1::CALL_ORIGIN_INBOUND,
-                                  request.caller_id(), request.called_id(),
-                                  options_.clock->Now(), v1::CALL_STATE_OFFERING);
+    call =
+        std::make_shared<Call>(id, device->id, v1::CALL_ORIGIN_INBOUND, request.caller_id(),
+                               request.called_id(), options_.clock->Now(), v1::CALL_STATE_OFFERING);
     return call;
   });
   device->calls.insert(call.get());
@@ -767,8 +726,7 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
 
   absl::MutexLock call_lock(&call->mu);
   if (!device->owner_lines.empty()) {
-    AddHolderLocked(call, *device->owner_lines.begin()->second,
-                    v1::CALL_PRIVILEGE_OWNER);
+    AddHolderLocked(call, *device->owner_lines.begin()->second, v1::CALL_PRIVILEGE_OWNER);
     PushNewCallLocked(*call, call->holders.back(), events);
   }
   for (const auto& [order, monitor_line] : device->monitor_lines) {
@@ -781,9 +739,9 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::SetCallState(
-    absl::string_view provider_token, const v1::SetCallStateRequest& request,
-    v1::SetCallStateResponse* response) {
+absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
+                                           const v1::SetCallStateRequest& request,
+                                           v1::SetCallStateResponse* response) {
   CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
   const CallState state = request.call_state();
   if (!v1::CallState_IsValid(state) || state == v1::CALL_STATE_UNSPECIFIED) {
@@ -803,8 +761,7 @@ absl::Status CallSessionCore::SetCallState(
       return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
     }
     if (call->state == v1::CALL_STATE_IDLE) {
-      return TapiError(TapiErrorCode::kInvalCallState,
-                       "the call is IDLE; nothing leaves IDLE");
+      return TapiError(TapiErrorCode::kInvalCallState, "the call is IDLE; nothing leaves IDLE");
     }
     if (call->state == state) return absl::OkStatus();
     SetStateLocked(*call, state, events);
@@ -814,9 +771,9 @@ absl::Status CallSessionCore::SetCallState(
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::ForceLineClose(
-    absl::string_view provider_token, const v1::ForceLineCloseRequest& request,
-    v1::ForceLineCloseResponse* response) {
+absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
+                                             const v1::ForceLineCloseRequest& request,
+                                             v1::ForceLineCloseResponse* response) {
   CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
   EventPublisher events;
@@ -852,8 +809,7 @@ CoreStats CallSessionCore::Stats() const {
   stats.calls_freed = calls_freed_.load(std::memory_order_relaxed);
   stats.call_handles_created = call_handles_created_.load(std::memory_order_relaxed);
   stats.call_handles_voided = call_handles_voided_.load(std::memory_order_relaxed);
-  stats.calls_dropped_by_line_close =
-      calls_dropped_by_line_close_.load(std::memory_order_relaxed);
+  stats.calls_dropped_by_line_close = calls_dropped_by_line_close_.load(std::memory_order_relaxed);
   stats.forced_line_closes = forced_line_closes_.load(std::memory_order_relaxed);
   return stats;
 }

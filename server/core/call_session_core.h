@@ -17,12 +17,12 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "callsession/v1/call_session_service.pb.h"
 #include "callsession/v1/provider_service.pb.h"
@@ -93,55 +93,44 @@ class CallSessionCore {
 
   // `options` must pass ValidateCoreOptions. `store` defaults to the
   // sharded in-memory store.
-  explicit CallSessionCore(CoreOptions options,
-                           std::unique_ptr<SessionStore> store = nullptr);
+  explicit CallSessionCore(CoreOptions options, std::unique_ptr<SessionStore> store = nullptr);
   ~CallSessionCore();
 
   CallSessionCore(const CallSessionCore&) = delete;
   CallSessionCore& operator=(const CallSessionCore&) = delete;
 
   // CallSessionService.
-  absl::Status Initialize(const v1::InitializeRequest& request,
-                          v1::InitializeResponse* response);
-  absl::Status Shutdown(absl::string_view token,
-                        const v1::ShutdownRequest& request,
+  absl::Status Initialize(const v1::InitializeRequest& request, v1::InitializeResponse* response);
+  absl::Status Shutdown(absl::string_view token, const v1::ShutdownRequest& request,
                         v1::ShutdownResponse* response);
-  absl::Status LineOpen(absl::string_view token,
-                        const v1::LineOpenRequest& request,
+  absl::Status LineOpen(absl::string_view token, const v1::LineOpenRequest& request,
                         v1::LineOpenResponse* response);
-  absl::Status LineClose(absl::string_view token,
-                         const v1::LineCloseRequest& request,
+  absl::Status LineClose(absl::string_view token, const v1::LineCloseRequest& request,
                          v1::LineCloseResponse* response);
-  absl::Status MakeCall(absl::string_view token,
-                        const v1::MakeCallRequest& request,
+  absl::Status MakeCall(absl::string_view token, const v1::MakeCallRequest& request,
                         v1::MakeCallResponse* response);
   absl::Status Answer(absl::string_view token, const v1::AnswerRequest& request,
                       v1::AnswerResponse* response);
   absl::Status Drop(absl::string_view token, const v1::DropRequest& request,
                     v1::DropResponse* response);
-  absl::Status GetCallInfo(absl::string_view token,
-                           const v1::GetCallInfoRequest& request,
+  absl::Status GetCallInfo(absl::string_view token, const v1::GetCallInfoRequest& request,
                            v1::GetCallInfoResponse* response);
-  absl::Status GetCallStatus(absl::string_view token,
-                             const v1::GetCallStatusRequest& request,
+  absl::Status GetCallStatus(absl::string_view token, const v1::GetCallStatusRequest& request,
                              v1::GetCallStatusResponse* response);
-  absl::Status DeallocateCall(absl::string_view token,
-                              const v1::DeallocateCallRequest& request,
+  absl::Status DeallocateCall(absl::string_view token, const v1::DeallocateCallRequest& request,
                               v1::DeallocateCallResponse* response);
-  absl::Status GetNewCalls(absl::string_view token,
-                           const v1::GetNewCallsRequest& request,
+  absl::Status GetNewCalls(absl::string_view token, const v1::GetNewCallsRequest& request,
                            v1::GetNewCallsResponse* response);
 
   // Makes `sink` the consumer of the application's events, ending any
   // previous consumer with ABORTED. Events come through the returned
   // subscription; the sink is told when to pull (see EventSink).
-  absl::StatusOr<std::unique_ptr<EventSubscription>> WatchEvents(
-      absl::string_view token, std::shared_ptr<EventSink> sink);
+  absl::StatusOr<std::unique_ptr<EventSubscription>> WatchEvents(absl::string_view token,
+                                                                 std::shared_ptr<EventSink> sink);
 
   // ProviderService. `provider_token` is the bearer token the request
   // carried.
-  absl::Status OfferCall(absl::string_view provider_token,
-                         const v1::OfferCallRequest& request,
+  absl::Status OfferCall(absl::string_view provider_token, const v1::OfferCallRequest& request,
                          v1::OfferCallResponse* response);
   absl::Status SetCallState(absl::string_view provider_token,
                             const v1::SetCallStateRequest& request,
@@ -157,22 +146,17 @@ class CallSessionCore {
   uint32_t num_devices() const { return options_.num_devices; }
 
  private:
-  absl::StatusOr<std::shared_ptr<App>> Authenticate(
-      absl::string_view token) const;
+  absl::StatusOr<std::shared_ptr<App>> Authenticate(absl::string_view token) const;
   absl::Status AuthenticateProvider(absl::string_view token) const;
   absl::StatusOr<Device*> FindDevice(uint32_t device_id) const;
   // The app's open line, or NOT_FOUND (LINEERR_INVALLINEHANDLE).
-  absl::StatusOr<std::shared_ptr<Line>> FindOwnLine(const App& app,
-                                                   uint64_t line_handle) const;
+  absl::StatusOr<std::shared_ptr<Line>> FindOwnLine(const App& app, uint64_t line_handle) const;
   // The call a handle addresses, or NOT_FOUND; the caller must still check,
   // under the call's lock, that the app holds it (FindHolderLocked).
-  absl::StatusOr<std::shared_ptr<Call>> FindCallOfHandle(
-      uint64_t call_handle) const;
+  absl::StatusOr<std::shared_ptr<Call>> FindCallOfHandle(uint64_t call_handle) const;
 
-  absl::Status PlaceOutboundCall(App& app, uint64_t line_handle,
-                                 const std::string& dest_address,
-                                 v1::MakeCallResponse* response,
-                                 EventPublisher& events);
+  absl::Status PlaceOutboundCall(App& app, uint64_t line_handle, const std::string& dest_address,
+                                 v1::MakeCallResponse* response, EventPublisher& events);
 
   // Voids the line: no new handles, gone from its device, app and the
   // store. Returns false if it was already closed; otherwise `*handles` gets
@@ -182,21 +166,17 @@ class CallSessionCore {
   // DetachLineLocked and VoidHandlesOfClosedLine. False if already closed.
   bool CloseLine(Line& line, EventPublisher& events);
   // Voids each handle, dropping calls their app owned alone.
-  void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles,
-                               EventPublisher& events);
+  void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles, EventPublisher& events);
 
   // Issues a handle to `call` for line.app through `line`.
   uint64_t AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
-                           v1::CallPrivilege privilege)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
+                           v1::CallPrivilege privilege) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
   // Removes holders[index] and its handle from the store (not from its
   // line's set: the caller does that, or the line is closing).
-  void RemoveHolderLocked(Call& call, size_t index)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
+  void RemoveHolderLocked(Call& call, size_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
   void SetStateLocked(Call& call, v1::CallState state, EventPublisher& events)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
-  void PushNewCallLocked(const Call& call, const Holder& holder,
-                         EventPublisher& events)
+  void PushNewCallLocked(const Call& call, const Holder& holder, EventPublisher& events)
       ABSL_SHARED_LOCKS_REQUIRED(call.mu);
   // Marks the call freed if it is IDLE with no holder; true if this call did.
   bool MarkFreedIfDoneLocked(Call& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
@@ -213,8 +193,7 @@ class CallSessionCore {
   // Every live subscription, for EndAllSubscriptions. Touched only when a
   // stream starts or ends, never on a per-call path.
   mutable absl::Mutex subscriptions_mu_;
-  absl::flat_hash_set<EventSubscription*> subscriptions_
-      ABSL_GUARDED_BY(subscriptions_mu_);
+  absl::flat_hash_set<EventSubscription*> subscriptions_ ABSL_GUARDED_BY(subscriptions_mu_);
 
   std::atomic<uint64_t> calls_created_{0};
   std::atomic<uint64_t> calls_freed_{0};

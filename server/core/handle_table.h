@@ -43,9 +43,7 @@ class ShardedHandleTable {
   ShardedHandleTable(const ShardedHandleTable&) = delete;
   ShardedHandleTable& operator=(const ShardedHandleTable&) = delete;
 
-  static bool IsValidShardCount(int n) {
-    return n >= 1 && n <= (1 << 16) && (n & (n - 1)) == 0;
-  }
+  static bool IsValidShardCount(int n) { return n >= 1 && n <= (1 << 16) && (n & (n - 1)) == 0; }
 
   // Issues a new handle, stores make(handle) under it and returns it. The
   // value is built under the shard lock, so it is never visible half made.
@@ -94,9 +92,7 @@ class ShardedHandleTable {
   int shard_count() const { return static_cast<int>(shard_mask_ + 1); }
 
   // The shard a handle belongs to (for tests and diagnostics).
-  int ShardIndexOf(uint64_t handle) const {
-    return static_cast<int>(handle & shard_mask_);
-  }
+  int ShardIndexOf(uint64_t handle) const { return static_cast<int>(handle & shard_mask_); }
 
  private:
   // A shard on its own cache lines, so that two cores working on
@@ -114,22 +110,18 @@ class ShardedHandleTable {
   }
 
   Shard& ShardOf(uint64_t handle) { return shards_[handle & shard_mask_]; }
-  const Shard& ShardOf(uint64_t handle) const {
-    return shards_[handle & shard_mask_];
-  }
+  const Shard& ShardOf(uint64_t handle) const { return shards_[handle & shard_mask_]; }
 
   // Spreads inserts over shards without a shared counter: each thread walks
   // the shards from its own starting point.
   uint64_t NextInsertShard() const {
-    thread_local uint64_t cursor =
-        reinterpret_cast<uintptr_t>(&cursor) >> 6;
+    thread_local uint64_t cursor = reinterpret_cast<uintptr_t>(&cursor) >> 6;
     return cursor++ & shard_mask_;
   }
 
   // flat_hash_map never shrinks by itself; rehash(0) shrinks to fit. Doing it
   // only when under 1/8 full keeps the cost amortised O(1) per erase.
-  static void ShrinkIfSparseLocked(Shard& shard)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
+  static void ShrinkIfSparseLocked(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
     const size_t capacity = shard.entries.capacity();
     if (capacity > 64 && shard.entries.size() < capacity / 8) {
       shard.entries.rehash(0);

@@ -50,10 +50,7 @@ struct IdempotentMakeCall {
 struct App {
   App(uint64_t handle, std::string name, std::array<uint8_t, 16> secret,
       size_t event_queue_capacity)
-      : handle(handle),
-        name(std::move(name)),
-        secret(secret),
-        events(event_queue_capacity) {}
+      : handle(handle), name(std::move(name)), secret(secret), events(event_queue_capacity) {}
 
   // Constant after construction.
   const uint64_t handle;
@@ -63,8 +60,7 @@ struct App {
   EventQueue events;
 
   absl::Mutex request_mu ABSL_ACQUIRED_BEFORE(mu);
-  absl::flat_hash_map<std::string, IdempotentMakeCall> recent_requests
-      ABSL_GUARDED_BY(request_mu);
+  absl::flat_hash_map<std::string, IdempotentMakeCall> recent_requests ABSL_GUARDED_BY(request_mu);
   std::deque<std::string> request_order ABSL_GUARDED_BY(request_mu);
 
   absl::Mutex mu;
@@ -89,8 +85,8 @@ struct Device {
 
 // An open line: one application's use of one device.
 struct Line {
-  Line(uint64_t handle, std::shared_ptr<App> app, Device* device, bool owner,
-       bool monitor, uint64_t open_order)
+  Line(uint64_t handle, std::shared_ptr<App> app, Device* device, bool owner, bool monitor,
+       uint64_t open_order)
       : handle(handle),
         app(std::move(app)),
         device(device),
@@ -124,9 +120,8 @@ struct Holder {
 
 // One call, shared by every application holding a handle to it.
 struct Call {
-  Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin,
-       std::string caller_id, std::string called_id, absl::Time create_time,
-       v1::CallState state)
+  Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin, std::string caller_id,
+       std::string called_id, absl::Time create_time, v1::CallState state)
       : id(id),
         device_id(device_id),
         origin(origin),

@@ -15,10 +15,7 @@ std::shared_ptr<T> ValueOrNull(std::optional<std::shared_ptr<T>> value) {
 class ShardedMemoryStore final : public SessionStore {
  public:
   explicit ShardedMemoryStore(int shard_count)
-      : apps_(shard_count),
-        lines_(shard_count),
-        calls_(shard_count),
-        call_handles_(shard_count) {}
+      : apps_(shard_count), lines_(shard_count), calls_(shard_count), call_handles_(shard_count) {}
 
   uint64_t AddApp(Maker<App> make) override { return apps_.Insert(make); }
   std::shared_ptr<App> FindApp(uint64_t handle) const override {
@@ -55,8 +52,7 @@ class ShardedMemoryStore final : public SessionStore {
   }
 
   StoreCounts Counts() const override {
-    return StoreCounts{apps_.size(), lines_.size(), calls_.size(),
-                       call_handles_.size()};
+    return StoreCounts{apps_.size(), lines_.size(), calls_.size(), call_handles_.size()};
   }
 
  private:

@@ -57,8 +57,7 @@ absl::StatusCode StatusCodeOf(TapiErrorCode code) {
 }
 
 absl::Status TapiError(TapiErrorCode code, absl::string_view detail) {
-  return absl::Status(StatusCodeOf(code),
-                      absl::StrCat(TapiErrorNameOf(code), ": ", detail));
+  return absl::Status(StatusCodeOf(code), absl::StrCat(TapiErrorNameOf(code), ": ", detail));
 }
 
 absl::string_view TapiErrorName(const absl::Status& status) {

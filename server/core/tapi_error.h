@@ -6,9 +6,8 @@
 #ifndef CALLSESSION_SERVER_CORE_TAPI_ERROR_H_
 #define CALLSESSION_SERVER_CORE_TAPI_ERROR_H_
 
-#include "absl/strings/string_view.h"
-
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace callsession {
 
