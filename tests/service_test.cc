@@ -121,6 +121,26 @@ class ServiceTest : public ::testing::Test {
     return absl::IsDeadlineExceeded(stream.Next(absl::Milliseconds(200)).status());
   }
 
+  // An owner app with an outbound call on device 0, and a monitor app whose
+  // MONITOR line on device 0 gave it a handle to the call.
+  struct MonitoredCall {
+    std::unique_ptr<CallSessionClient> owner;
+    std::unique_ptr<CallSessionClient> monitor;
+    std::unique_ptr<EventStream> monitor_events;
+    v1::MakeCallResponse call;
+    uint64_t monitor_handle = 0;
+  };
+  MonitoredCall MakeMonitoredCall() {
+    MonitoredCall m;
+    m.owner = NewApp("owner");
+    m.monitor = NewApp("monitor");
+    Open(*m.monitor, 0, {kMonitor});
+    m.monitor_events = m.monitor->WatchEvents();
+    m.call = Make(*m.owner, Open(*m.owner, 0));
+    m.monitor_handle = NextEvent(*m.monitor_events).app_new_call().call_handle();
+    return m;
+  }
+
   CoreStats Stats() { return server_->core().Stats(); }
 
   std::unique_ptr<CallSessionServer> server_;
@@ -463,21 +483,15 @@ TEST_F(ServiceTest, IdleCallsStayReadableUntilDeallocated) {
 // --- Rule 8: DeallocateCall --------------------------------------------------
 
 TEST_F(ServiceTest, DeallocateVoidsOnlyThatAppsHandle) {
-  auto owner = NewApp("owner");
-  auto monitor = NewApp("monitor");
-  Open(*monitor, 0, {kMonitor});
-  auto monitor_events = monitor->WatchEvents();
-  const v1::MakeCallResponse call = Make(*owner, Open(*owner, 0));
-  const uint64_t monitor_handle = NextEvent(*monitor_events).app_new_call().call_handle();
-
+  MonitoredCall m = MakeMonitoredCall();
   // A monitor may deallocate at any time, even while the call is live.
-  ASSERT_THAT(monitor->DeallocateCall(monitor_handle), IsOk());
-  EXPECT_THAT(monitor->GetCallInfo(monitor_handle), InvalidCallHandle());
-  EXPECT_THAT(monitor->DeallocateCall(monitor_handle), InvalidCallHandle());
-  absl::StatusOr<v1::CallInfo> info = owner->GetCallInfo(call.call_handle());
+  ASSERT_THAT(m.monitor->DeallocateCall(m.monitor_handle), IsOk());
+  EXPECT_THAT(m.monitor->GetCallInfo(m.monitor_handle), InvalidCallHandle());
+  EXPECT_THAT(m.monitor->DeallocateCall(m.monitor_handle), InvalidCallHandle());
+  absl::StatusOr<v1::CallInfo> info = m.owner->GetCallInfo(m.call.call_handle());
   ASSERT_THAT(info, IsOk());
   EXPECT_EQ(info->num_monitors(), 0u);
-  EXPECT_EQ(StateOf(*owner, call.call_handle()), v1::CALL_STATE_DIALING);
+  EXPECT_EQ(StateOf(*m.owner, m.call.call_handle()), v1::CALL_STATE_DIALING);
 }
 
 TEST_F(ServiceTest, SoleOwnerCannotDeallocateALiveCall) {
@@ -491,20 +505,15 @@ TEST_F(ServiceTest, SoleOwnerCannotDeallocateALiveCall) {
 }
 
 TEST_F(ServiceTest, CallRecordIsFreedWhenIdleAndItsLastHandleIsGone) {
-  auto owner = NewApp("owner");
-  auto monitor = NewApp("monitor");
-  Open(*monitor, 0, {kMonitor});
-  auto monitor_events = monitor->WatchEvents();
-  const v1::MakeCallResponse call = Make(*owner, Open(*owner, 0));
-  const uint64_t monitor_handle = NextEvent(*monitor_events).app_new_call().call_handle();
-  ASSERT_THAT(owner->Drop(call.call_handle()), IsOk());
-  ASSERT_THAT(owner->DeallocateCall(call.call_handle()), IsOk());
+  MonitoredCall m = MakeMonitoredCall();
+  ASSERT_THAT(m.owner->Drop(m.call.call_handle()), IsOk());
+  ASSERT_THAT(m.owner->DeallocateCall(m.call.call_handle()), IsOk());
   EXPECT_EQ(Stats().live.calls, 1u) << "the monitor still holds it";
-  EXPECT_THAT(monitor->GetCallInfo(monitor_handle), IsOk());
-  ASSERT_THAT(monitor->DeallocateCall(monitor_handle), IsOk());
+  EXPECT_THAT(m.monitor->GetCallInfo(m.monitor_handle), IsOk());
+  ASSERT_THAT(m.monitor->DeallocateCall(m.monitor_handle), IsOk());
   EXPECT_EQ(Stats().live.calls, 0u);
   EXPECT_EQ(Stats().live.call_handles, 0u);
-  EXPECT_THAT(provider_->SetCallState(call.call_id(), v1::CALL_STATE_CONNECTED),
+  EXPECT_THAT(provider_->SetCallState(m.call.call_id(), v1::CALL_STATE_CONNECTED),
               InvalidCallHandle());
 }
 

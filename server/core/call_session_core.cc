@@ -661,10 +661,10 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
-  for (Call* unowned_ptr : device.calls) {
+  for (const Call* listed : device.calls) {
     // Every call in device.calls is still in the store: FreeCall removes
     // it from the device before the store.
-    std::shared_ptr<Call> call = store_->FindCall(unowned_ptr->id);
+    std::shared_ptr<Call> call = store_->FindCall(listed->id);
     if (call == nullptr) continue;
     absl::MutexLock call_lock(&call->mu);
     if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
