@@ -1,5 +1,5 @@
-// callsessiond: parses flags, starts the server, and shuts it down
-// gracefully on SIGINT or SIGTERM.
+// callsessiond: parses flags (each also settable as CALLSESSION_<FLAG>),
+// starts the server, and on SIGTERM or SIGINT shuts it down gracefully.
 #include <pthread.h>
 #include <signal.h>
 
@@ -9,27 +9,122 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "server/core/log.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
-          "HOST:PORT to serve on; port 0 picks a free port");
+          "HOST:PORT to serve gRPC on; port 0 picks a free port");
 ABSL_FLAG(uint32_t, devices, 16, "number of line devices (ids 0..N-1)");
 ABSL_FLAG(int32_t, shards, 64, "shards per handle table, a power of two");
 ABSL_FLAG(uint64_t, event_queue_limit, 10000,
-          "undelivered events kept per application; the oldest are "
-          "discarded past it");
+          "undelivered events kept per application; past it the oldest are discarded");
 ABSL_FLAG(uint64_t, request_id_cache, 1024, "MakeCall request_ids remembered per application");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT to serve Prometheus /metrics on; empty turns metrics off");
+ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection (grpcurl, ghz, buf curl)");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
-          "how long in-flight RPCs may run after SIGTERM");
+          "after SIGTERM, how long in-flight RPCs may finish before they are cancelled");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (chain); enables TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; if set, clients must present a certificate it signed (mutual TLS)");
+ABSL_FLAG(int32_t, max_receive_message_bytes, 16 * 1024,
+          "largest request accepted; larger ones fail with RESOURCE_EXHAUSTED");
+ABSL_FLAG(int32_t, max_concurrent_streams, 1024, "concurrent RPCs per client connection");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Seconds(60),
+          "ping idle connections this often to detect dead clients");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
+          "drop a connection whose ping is not answered within this");
+ABSL_FLAG(absl::Duration, min_client_ping_interval, absl::Seconds(10),
+          "shortest client keepalive interval tolerated");
+ABSL_FLAG(absl::Duration, max_connection_idle, absl::ZeroDuration(),
+          "close connections idle this long; 0 never");
+ABSL_FLAG(absl::Duration, max_connection_age, absl::ZeroDuration(),
+          "close connections this old (ends their event streams); 0 never");
+ABSL_FLAG(absl::Duration, max_connection_age_grace, absl::ZeroDuration(),
+          "time given to RPCs on a connection closed for its age");
+
+namespace {
+
+constexpr const char* kFlagsFromEnvironment[] = {"listen",
+                                                 "devices",
+                                                 "shards",
+                                                 "event_queue_limit",
+                                                 "request_id_cache",
+                                                 "metrics_listen",
+                                                 "reflection",
+                                                 "log_level",
+                                                 "shutdown_grace",
+                                                 "tls_cert",
+                                                 "tls_key",
+                                                 "tls_client_ca",
+                                                 "max_receive_message_bytes",
+                                                 "max_concurrent_streams",
+                                                 "keepalive_time",
+                                                 "keepalive_timeout",
+                                                 "min_client_ping_interval",
+                                                 "max_connection_idle",
+                                                 "max_connection_age",
+                                                 "max_connection_age_grace"};
+
+constexpr char kUsage[] =
+    "tracks telephony call sessions with TAPI 2.2 call-handle "
+    "semantics over gRPC.\n\n"
+    "Every flag can also be set by the environment variable CALLSESSION_<FLAG> (e.g.\n"
+    "CALLSESSION_LISTEN=0.0.0.0:50051); a flag on the command line wins. The\n"
+    "provider token is read only from CALLSESSION_PROVIDER_TOKEN; without it the\n"
+    "provider service refuses every call.";
+
+// Sets each flag whose CALLSESSION_<FLAG> variable is set. False (after
+// logging why) if a value does not parse.
+bool ApplyEnvironment() {
+  for (const char* name : kFlagsFromEnvironment) {
+    const std::string variable = absl::StrCat("CALLSESSION_", absl::AsciiStrToUpper(name));
+    const char* value = std::getenv(variable.c_str());
+    if (value == nullptr) continue;
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
+      callsession::Log(callsession::LogLevel::kError, "invalid_configuration",
+                       {{"variable", variable}, {"error", error}});
+      return false;
+    }
+  }
+  return true;
+}
+
+int Refuse(const absl::Status& status) {
+  callsession::Log(callsession::LogLevel::kError, "start_failed",
+                   {{"error", std::string(status.message())}});
+  return 1;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "Tracks telephony call sessions with TAPI 2.2 call-handle semantics over "
-      "gRPC.\nThe provider token is read from CALLSESSION_PROVIDER_TOKEN; "
-      "without it the provider service refuses every call.");
+  absl::SetProgramUsageMessage(kUsage);
+  // --help lists the flags of this file (absl looks for <binary>.cc by default).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "server/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  if (!ApplyEnvironment()) return 1;
   absl::ParseCommandLine(argc, argv);
+
+  absl::StatusOr<callsession::LogLevel> level =
+      callsession::ParseLogLevel(absl::GetFlag(FLAGS_log_level));
+  if (!level.ok()) return Refuse(level.status());
+  callsession::SetLogLevel(*level);
 
   // Block the shutdown signals before any thread starts, so that only
   // sigwait below sees them.
@@ -48,24 +143,46 @@ int main(int argc, char** argv) {
   if (const char* token = std::getenv("CALLSESSION_PROVIDER_TOKEN")) {
     options.core.provider_token = token;
   }
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.reflection = absl::GetFlag(FLAGS_reflection);
+  options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                 absl::GetFlag(FLAGS_tls_client_ca)};
+  options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  options.min_client_ping_interval = absl::GetFlag(FLAGS_min_client_ping_interval);
+  options.max_connection_idle = absl::GetFlag(FLAGS_max_connection_idle);
+  options.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  options.max_connection_age_grace = absl::GetFlag(FLAGS_max_connection_age_grace);
+  const absl::Duration grace = absl::GetFlag(FLAGS_shutdown_grace);
+  if (grace < absl::ZeroDuration()) {
+    return Refuse(absl::InvalidArgumentError("shutdown_grace must be >= 0"));
+  }
 
   auto server = callsession::CallSessionServer::Start(options);
-  if (!server.ok()) {
-    std::fprintf(stderr, "{\"level\":\"error\",\"event\":\"start_failed\",\"error\":\"%s\"}\n",
-                 std::string(server.status().message()).c_str());
-    return 1;
-  }
-  std::fprintf(stderr,
-               "{\"level\":\"info\",\"event\":\"listening\",\"address\":\"%s\","
-               "\"devices\":%u,\"shards\":%d,\"provider_service\":%s}\n",
-               (*server)->address().c_str(), options.core.num_devices, options.core.shards,
-               options.core.provider_token.empty() ? "false" : "true");
+  if (!server.ok()) return Refuse(server.status());
+  callsession::Log(callsession::LogLevel::kInfo, "listening",
+                   {{"address", (*server)->address()},
+                    {"metrics_port", (*server)->metrics_port()},
+                    {"tls", !options.tls.cert_file.empty()},
+                    {"mutual_tls", !options.tls.client_ca_file.empty()},
+                    {"devices", options.core.num_devices},
+                    {"shards", options.core.shards},
+                    {"provider_service", !options.core.provider_token.empty()}});
 
   int signal_number = 0;
   sigwait(&shutdown_signals, &signal_number);
-  std::fprintf(stderr, "{\"level\":\"info\",\"event\":\"shutting_down\",\"signal\":%d}\n",
-               signal_number);
-  (*server)->Shutdown(absl::GetFlag(FLAGS_shutdown_grace));
-  std::fprintf(stderr, "{\"level\":\"info\",\"event\":\"stopped\"}\n");
+  callsession::Log(callsession::LogLevel::kInfo, "shutting_down",
+                   {{"signal", signal_number}, {"grace_seconds", absl::ToDoubleSeconds(grace)}});
+  (*server)->Shutdown(grace);
+  if (callsession::ServerMetrics* metrics = (*server)->metrics()) {
+    const callsession::RpcTotals totals = metrics->Totals();
+    callsession::Log(
+        callsession::LogLevel::kInfo, "stopped",
+        {{"rpcs_started", totals.started}, {"rpcs_ok", totals.ok}, {"rpcs_failed", totals.failed}});
+  } else {
+    callsession::Log(callsession::LogLevel::kInfo, "stopped");
+  }
   return 0;
 }

@@ -1,11 +1,21 @@
 #include "server/server.h"
 
+#include <algorithm>
+#include <fstream>
+#include <sstream>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "grpc/grpc.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/impl/server_builder_option.h"
+#include "grpcpp/impl/server_builder_plugin.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "server/core/log.h"
 #include "server/core/status_macros.h"
 
 namespace callsession {
@@ -24,32 +34,135 @@ absl::Status SplitHostPort(const std::string& address, std::string* host) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream contents;
+  if (!in || !(contents << in.rdbuf())) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, " \"", path, "\""));
+  }
+  return contents.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const TlsFiles& tls) {
+  if (tls.cert_file.empty() && tls.key_file.empty()) {
+    if (!tls.client_ca_file.empty()) {
+      return absl::InvalidArgumentError("a TLS client CA needs a TLS certificate and key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (tls.cert_file.empty() || tls.key_file.empty()) {
+    return absl::InvalidArgumentError("TLS needs both a certificate and a key");
+  }
+  grpc::SslServerCredentialsOptions options(
+      tls.client_ca_file.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  CS_ASSIGN_OR_RETURN(pair.cert_chain, ReadFile(tls.cert_file, "TLS certificate"));
+  CS_ASSIGN_OR_RETURN(pair.private_key, ReadFile(tls.key_file, "TLS key"));
+  options.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!tls.client_ca_file.empty()) {
+    CS_ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile(tls.client_ca_file, "TLS client CA"));
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+// Linking grpc++_reflection registers its plugin for every server in the
+// process; this option takes it out again when reflection is off.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* args) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                                    return plugin->name() == "proto_server_reflection";
+                                  }),
+                   plugins->end());
+  }
+};
+
+int Millis(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT32_MAX));
+}
+
+absl::Status ValidateServerOptions(const ServerOptions& options) {
+  if (options.max_receive_message_bytes < 1024) {
+    return absl::InvalidArgumentError("max_receive_message_bytes must be at least 1024");
+  }
+  if (options.max_concurrent_streams < 1) {
+    return absl::InvalidArgumentError("max_concurrent_streams must be at least 1");
+  }
+  for (absl::Duration d : {options.keepalive_time, options.keepalive_timeout,
+                           options.min_client_ping_interval, options.max_connection_idle,
+                           options.max_connection_age, options.max_connection_age_grace}) {
+    if (d < absl::ZeroDuration()) return absl::InvalidArgumentError("durations must be >= 0");
+  }
+  if (options.keepalive_time <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("keepalive_time must be positive");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(ServerOptions options) {
   CS_RETURN_IF_ERROR(ValidateCoreOptions(options.core));
+  CS_RETURN_IF_ERROR(ValidateServerOptions(options));
   std::string host;
   CS_RETURN_IF_ERROR(SplitHostPort(options.listen_address, &host));
-  if (options.max_receive_message_bytes < 1024) {
-    return absl::InvalidArgumentError("max_receive_message_bytes must be at least 1024");
-  }
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                      Credentials(options.tls));
 
   std::unique_ptr<CallSessionServer> server(new CallSessionServer());
   server->core_ = std::make_unique<CallSessionCore>(std::move(options.core));
   server->call_session_service_ = std::make_unique<CallSessionGrpcService>(server->core_.get());
   server->provider_service_ = std::make_unique<ProviderGrpcService>(server->core_.get());
 
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
-                           &server->port_);
+  if (!options.reflection) builder.SetOption(std::make_unique<WithoutReflection>());
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, Millis(options.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, Millis(options.keepalive_timeout));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             Millis(options.min_client_ping_interval));
+  if (options.max_connection_idle > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                               Millis(options.max_connection_idle));
+  }
+  if (options.max_connection_age > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, Millis(options.max_connection_age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                               Millis(options.max_connection_age_grace));
+  }
   builder.RegisterService(server->call_session_service_.get());
   builder.RegisterService(server->provider_service_.get());
+
+  if (!options.metrics_address.empty()) {
+    CS_ASSIGN_OR_RETURN(server->metrics_,
+                        ServerMetrics::Start(options.metrics_address, server->core_.get(),
+                                             {v1::CallSessionService::service_full_name(),
+                                              v1::ProviderService::service_full_name()}));
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
+    factories.push_back(server->metrics_->NewInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(factories));
+  }
+
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
   server->address_ = absl::StrCat(host, ":", server->port_);
+  // The overall status ("") and each service's: probes may ask for either.
+  grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
+  health->SetServingStatus(true);
+  for (const char* service :
+       {v1::CallSessionService::service_full_name(), v1::ProviderService::service_full_name()}) {
+    health->SetServingStatus(service, true);
+  }
   return server;
 }
 
@@ -59,6 +172,8 @@ CallSessionServer::~CallSessionServer() {
 
 void CallSessionServer::Shutdown(absl::Duration grace) {
   shut_down_ = true;
+  server_->GetHealthCheckService()->SetServingStatus(false);  // every service
+  Log(LogLevel::kInfo, "health_not_serving");
   core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   server_->Wait();

@@ -1,5 +1,7 @@
-// CallSessionServer: the core plus its two gRPC services, listening on one
-// address. What callsessiond runs, and what the tests start on port 0.
+// CallSessionServer: the core plus its gRPC services (CallSessionService,
+// ProviderService, grpc.health.v1.Health, and reflection unless turned off)
+// on one address, and optionally Prometheus metrics on another. What
+// callsessiond runs, and what the tests start on port 0.
 #ifndef CALLSESSION_SERVER_SERVER_H_
 #define CALLSESSION_SERVER_SERVER_H_
 
@@ -11,9 +13,18 @@
 #include "grpcpp/server.h"
 #include "server/call_session_service.h"
 #include "server/core/call_session_core.h"
+#include "server/metrics.h"
 #include "server/provider_service.h"
 
 namespace callsession {
+
+// PEM files. No cert: plaintext. A client CA: mutual TLS (clients must
+// present a certificate signed by it).
+struct TlsFiles {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;
+};
 
 struct ServerOptions {
   // host:port; port 0 picks a free port (see CallSessionServer::port()).
@@ -22,14 +33,32 @@ struct ServerOptions {
   // Requests larger than this fail with RESOURCE_EXHAUSTED in the transport.
   // The largest valid request is well under 1 KiB.
   int max_receive_message_bytes = 16 * 1024;
+  // Concurrent RPCs (HTTP/2 streams) per client connection.
+  int max_concurrent_streams = 1024;
+  // Server reflection (for grpcurl, ghz, buf curl).
+  bool reflection = true;
+  // host:port for /metrics; empty: no metrics endpoint, no per-RPC metrics.
+  std::string metrics_address;
+  TlsFiles tls;
+  // The server pings an idle connection this often and drops it if no
+  // answer comes within keepalive_timeout: dead clients' streams are freed.
+  absl::Duration keepalive_time = absl::Seconds(60);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  // Clients may ping no more often than this (without calls in flight too).
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  // Zero: never. State is per process, so forcing reconnects buys no load
+  // balancing; set them only behind a proxy that needs it.
+  absl::Duration max_connection_idle = absl::ZeroDuration();
+  absl::Duration max_connection_age = absl::ZeroDuration();
+  absl::Duration max_connection_age_grace = absl::ZeroDuration();
 };
 
 // Thread-safe; Shutdown may be called from any thread, once.
 class CallSessionServer {
  public:
-  // Builds the core and services and starts serving. Errors:
-  // INVALID_ARGUMENT for bad options, UNAVAILABLE if the address cannot be
-  // bound.
+  // Builds the core and services and starts serving; health reports SERVING.
+  // Errors: INVALID_ARGUMENT for bad options or unreadable TLS files,
+  // UNAVAILABLE if an address cannot be bound.
   static absl::StatusOr<std::unique_ptr<CallSessionServer>> Start(ServerOptions options);
 
   // Shuts down with no grace if Shutdown was not called.
@@ -38,21 +67,27 @@ class CallSessionServer {
   CallSessionServer(const CallSessionServer&) = delete;
   CallSessionServer& operator=(const CallSessionServer&) = delete;
 
-  // The port actually bound.
+  // The port actually bound, and host:port.
   int port() const { return port_; }
-  // host:port actually bound.
   const std::string& address() const { return address_; }
+  // The metrics port, 0 if metrics are off.
+  int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
 
-  // Ends every WatchEvents stream with UNAVAILABLE, stops accepting RPCs,
-  // lets in-flight ones finish for up to `grace`, then cancels the rest.
+  // Health goes NOT_SERVING; every WatchEvents stream ends with UNAVAILABLE;
+  // new RPCs are refused; in-flight ones may finish for up to `grace`, then
+  // the rest are cancelled. Returns when all are done.
   void Shutdown(absl::Duration grace);
 
   CallSessionCore& core() { return *core_; }
+  // Null if metrics are off.
+  ServerMetrics* metrics() { return metrics_.get(); }
 
  private:
   CallSessionServer() = default;
 
+  // Declared first, destroyed last: the server refers to all of these.
   std::unique_ptr<CallSessionCore> core_;
+  std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<CallSessionGrpcService> call_session_service_;
   std::unique_ptr<ProviderGrpcService> provider_service_;
   std::unique_ptr<grpc::Server> server_;

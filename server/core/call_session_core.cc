@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/timestamp.pb.h"
+#include "server/core/log.h"
 #include "server/core/status_macros.h"
 #include "server/core/tapi_error.h"
 
@@ -393,6 +394,7 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
   response->set_app_handle(handle);
   response->set_app_token(std::move(token));
   response->set_num_devices(options_.num_devices);
+  Log(LogLevel::kInfo, "app_initialized", {{"app_handle", handle}, {"app_name", name}});
   return absl::OkStatus();
 }
 
@@ -418,6 +420,7 @@ absl::Status CallSessionCore::Shutdown(absl::string_view token, const v1::Shutdo
     sink = app->events.Close();
   }
   if (sink != nullptr) sink->OnSubscriptionEnded(absl::OkStatus());
+  Log(LogLevel::kInfo, "app_shut_down", {{"app_handle", app->handle}});
   return absl::OkStatus();
 }
 
@@ -441,25 +444,31 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     }
   }
 
-  absl::MutexLock lock(&device->mu);
-  const uint64_t open_order = device->next_open_order++;
-  std::shared_ptr<Line> line;
-  const uint64_t handle = store_->AddLine([&](uint64_t handle) {
-    line = std::make_shared<Line>(handle, app, device, owner, monitor, open_order);
-    return line;
-  });
+  uint64_t handle = 0;
   {
-    absl::MutexLock app_lock(&app->mu);
-    if (app->shut_down) {
-      store_->RemoveLine(handle);
-      return Unauthenticated("unknown app token");
+    absl::MutexLock lock(&device->mu);
+    const uint64_t open_order = device->next_open_order++;
+    std::shared_ptr<Line> line;
+    handle = store_->AddLine([&](uint64_t handle) {
+      line = std::make_shared<Line>(handle, app, device, owner, monitor, open_order);
+      return line;
+    });
+    {
+      absl::MutexLock app_lock(&app->mu);
+      if (app->shut_down) {
+        store_->RemoveLine(handle);
+        return Unauthenticated("unknown app token");
+      }
+      app->line_handles.insert(handle);
     }
-    app->line_handles.insert(handle);
+    device->lines.emplace(open_order, line);
+    if (owner) device->owner_lines.emplace(open_order, line.get());
+    if (monitor) device->monitor_lines.emplace(open_order, line.get());
   }
-  device->lines.emplace(open_order, line);
-  if (owner) device->owner_lines.emplace(open_order, line.get());
-  if (monitor) device->monitor_lines.emplace(open_order, line.get());
   response->set_line_handle(handle);
+  Log(LogLevel::kDebug, "line_opened",
+      {{"app_handle", app->handle}, {"line_handle", handle}, {"device_id", device->id},
+       {"owner", owner}, {"monitor", monitor}});
   return absl::OkStatus();
 }
 
@@ -470,6 +479,8 @@ absl::Status CallSessionCore::LineClose(absl::string_view token,
   EventPublisher events;
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   if (!CloseLine(*line, events)) return InvalidLineHandle();
+  Log(LogLevel::kDebug, "line_closed",
+      {{"app_handle", app->handle}, {"line_handle", line->handle}, {"device_id", line->device->id}});
   return absl::OkStatus();
 }
 
@@ -649,6 +660,7 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
     free_call = MarkFreedIfDoneLocked(*call);
   }
   if (free_call) FreeCall(*call);
+  call_handles_deallocated_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
 }
 
@@ -795,6 +807,8 @@ absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
     events.Push(line->app->events, std::move(event));
     forced_line_closes_.fetch_add(1, std::memory_order_relaxed);
   }
+  Log(LogLevel::kInfo, "forced_line_close",
+      {{"device_id", device->id}, {"lines_closed", static_cast<uint64_t>(closed.size())}});
   return absl::OkStatus();
 }
 
@@ -811,6 +825,7 @@ CoreStats CallSessionCore::Stats() const {
   stats.call_handles_voided = call_handles_voided_.load(std::memory_order_relaxed);
   stats.calls_dropped_by_line_close = calls_dropped_by_line_close_.load(std::memory_order_relaxed);
   stats.forced_line_closes = forced_line_closes_.load(std::memory_order_relaxed);
+  stats.call_handles_deallocated = call_handles_deallocated_.load(std::memory_order_relaxed);
   return stats;
 }
 

@@ -59,7 +59,8 @@ struct CoreStats {
   uint64_t calls_created = 0;
   uint64_t calls_freed = 0;
   uint64_t call_handles_created = 0;
-  uint64_t call_handles_voided = 0;
+  uint64_t call_handles_voided = 0;  // by any means
+  uint64_t call_handles_deallocated = 0;  // by DeallocateCall
   uint64_t calls_dropped_by_line_close = 0;
   uint64_t forced_line_closes = 0;
 };
@@ -201,6 +202,7 @@ class CallSessionCore {
   std::atomic<uint64_t> call_handles_voided_{0};
   std::atomic<uint64_t> calls_dropped_by_line_close_{0};
   std::atomic<uint64_t> forced_line_closes_{0};
+  std::atomic<uint64_t> call_handles_deallocated_{0};
 };
 
 }  // namespace callsession

@@ -1,0 +1,249 @@
+#include "server/metrics.h"
+
+#include <array>
+#include <exception>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "google/protobuf/descriptor.h"
+#include "prometheus/collectable.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "server/core/log.h"
+
+namespace callsession {
+
+constexpr int kStatusCodes = 17;  // grpc::StatusCode 0..16
+
+struct MethodMetrics {
+  prometheus::Counter* started = nullptr;
+  std::array<prometheus::Counter*, kStatusCodes> handled{};
+  prometheus::Histogram* handling_seconds = nullptr;
+  std::string service;
+  std::string method;
+};
+
+namespace {
+
+const char* const kCodeNames[kStatusCodes] = {
+    "OK",       "Canceled",       "Unknown",          "InvalidArgument",   "DeadlineExceeded",
+    "NotFound", "AlreadyExists",  "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
+    "Aborted",  "OutOfRange",     "Unimplemented",    "Internal",          "Unavailable",
+    "DataLoss", "Unauthenticated"};
+
+const char* RpcTypeName(grpc::experimental::ServerRpcInfo::Type type) {
+  switch (type) {
+    case grpc::experimental::ServerRpcInfo::Type::UNARY:
+      return "unary";
+    case grpc::experimental::ServerRpcInfo::Type::SERVER_STREAMING:
+      return "server_stream";
+    case grpc::experimental::ServerRpcInfo::Type::CLIENT_STREAMING:
+      return "client_stream";
+    case grpc::experimental::ServerRpcInfo::Type::BIDI_STREAMING:
+      return "bidi_stream";
+  }
+  return "unary";
+}
+
+// Times one RPC from its arrival to its status.
+class MetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  explicit MetricsInterceptor(MethodMetrics& metrics) : metrics_(metrics), start_(absl::Now()) {
+    metrics_.started->Increment();
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      const int code = static_cast<int>(methods->GetSendStatus().error_code());
+      if (code >= 0 && code < kStatusCodes) metrics_.handled[code]->Increment();
+      metrics_.handling_seconds->Observe(absl::ToDoubleSeconds(absl::Now() - start_));
+    }
+    methods->Proceed();
+  }
+
+ private:
+  MethodMetrics& metrics_;
+  const absl::Time start_;
+};
+
+class MetricsInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(ServerMetrics* metrics) : metrics_(*metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(metrics_.ForMethod(info->method(), info->type()));
+  }
+
+ private:
+  ServerMetrics& metrics_;
+};
+
+prometheus::ClientMetric Value(double value, bool counter) {
+  prometheus::ClientMetric metric;
+  if (counter) {
+    metric.counter.value = value;
+  } else {
+    metric.gauge.value = value;
+  }
+  return metric;
+}
+
+}  // namespace
+
+// The core's counters and live gauges, read at scrape time.
+class CoreCollector final : public prometheus::Collectable {
+ public:
+  explicit CoreCollector(const CallSessionCore* core) : core_(*core) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    const CoreStats stats = core_.Stats();
+    std::vector<prometheus::MetricFamily> families;
+    auto add = [&families](const char* name, const char* help, double value, bool counter) {
+      prometheus::MetricFamily family;
+      family.name = name;
+      family.help = help;
+      family.type = counter ? prometheus::MetricType::Counter : prometheus::MetricType::Gauge;
+      family.metric.push_back(Value(value, counter));
+      families.push_back(std::move(family));
+    };
+    add("callsession_live_apps", "Registered applications.", stats.live.apps, false);
+    add("callsession_live_lines", "Open lines.", stats.live.lines, false);
+    add("callsession_live_calls", "Tracked call records.", stats.live.calls, false);
+    add("callsession_live_call_handles", "Valid call handles.", stats.live.call_handles, false);
+    add("callsession_live_event_subscribers", "Open WatchEvents streams.", stats.event_subscribers,
+        false);
+    add("callsession_calls_created_total", "Calls created (MakeCall and OfferCall).",
+        stats.calls_created, true);
+    add("callsession_calls_freed_total", "Call records freed (IDLE with no handle left).",
+        stats.calls_freed, true);
+    add("callsession_call_handles_created_total", "Call handles issued.",
+        stats.call_handles_created, true);
+    add("callsession_call_handles_voided_total",
+        "Call handles voided (deallocated, line closed, app shut down).", stats.call_handles_voided,
+        true);
+    add("callsession_call_handles_deallocated_total", "Call handles voided by DeallocateCall.",
+        stats.call_handles_deallocated, true);
+    add("callsession_calls_dropped_by_line_close_total",
+        "Live calls dropped because their sole owner's line closed.",
+        stats.calls_dropped_by_line_close, true);
+    add("callsession_forced_line_closes_total", "Lines closed by ForceLineClose.",
+        stats.forced_line_closes, true);
+    return families;
+  }
+
+ private:
+  const CallSessionCore& core_;
+};
+
+absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
+    const std::string& address, const CallSessionCore* core,
+    const std::vector<std::string>& service_names) {
+  std::unique_ptr<ServerMetrics> metrics(new ServerMetrics());
+  metrics->registry_ = std::make_shared<prometheus::Registry>();
+  metrics->core_collector_ = std::make_shared<CoreCollector>(core);
+  for (const std::string& name : service_names) {
+    const google::protobuf::ServiceDescriptor* service =
+        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
+    if (service == nullptr) continue;
+    for (int i = 0; i < service->method_count(); ++i) {
+      const google::protobuf::MethodDescriptor* method = service->method(i);
+      const std::string full = absl::StrCat("/", service->full_name(), "/", method->name());
+      const char* type = method->server_streaming()   ? "server_stream"
+                         : method->client_streaming() ? "client_stream"
+                                                      : "unary";
+      metrics->methods_.emplace(full, metrics->NewMethodMetrics(full, type));
+    }
+  }
+  try {
+    metrics->exposer_ = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
+  }
+  metrics->exposer_->RegisterCollectable(metrics->registry_);
+  metrics->exposer_->RegisterCollectable(metrics->core_collector_);
+  const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
+  metrics->port_ = ports.empty() ? 0 : ports.front();
+  return metrics;
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+std::unique_ptr<MethodMetrics> ServerMetrics::NewMethodMetrics(const std::string& full_method,
+                                                               const char* rpc_type) {
+  auto metrics = std::make_unique<MethodMetrics>();
+  const size_t slash = full_method.rfind('/');
+  metrics->service = full_method.substr(1, slash == std::string::npos ? 0 : slash - 1);
+  metrics->method = slash == std::string::npos ? full_method : full_method.substr(slash + 1);
+  const prometheus::Labels labels = {{"grpc_type", rpc_type},
+                                     {"grpc_service", metrics->service},
+                                     {"grpc_method", metrics->method}};
+
+  auto& started = prometheus::BuildCounter()
+                      .Name("grpc_server_started_total")
+                      .Help("Total number of RPCs started on the server.")
+                      .Register(*registry_);
+  auto& handled = prometheus::BuildCounter()
+                      .Name("grpc_server_handled_total")
+                      .Help(
+                          "Total number of RPCs completed on the server, regardless of success "
+                          "or failure.")
+                      .Register(*registry_);
+  auto& seconds = prometheus::BuildHistogram()
+                      .Name("grpc_server_handling_seconds")
+                      .Help(
+                          "Histogram of response latency (seconds) of gRPC that had been "
+                          "application-level handled by the server.")
+                      .Register(*registry_);
+  metrics->started = &started.Add(labels);
+  for (int code = 0; code < kStatusCodes; ++code) {
+    prometheus::Labels with_code = labels;
+    with_code["grpc_code"] = kCodeNames[code];
+    metrics->handled[code] = &handled.Add(with_code);
+  }
+  metrics->handling_seconds =
+      &seconds.Add(labels, prometheus::Histogram::BucketBoundaries{
+                               0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                               0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+  return metrics;
+}
+
+MethodMetrics& ServerMetrics::ForMethod(const char* full_method,
+                                        grpc::experimental::ServerRpcInfo::Type type) {
+  if (auto it = methods_.find(full_method); it != methods_.end()) return *it->second;
+  absl::MutexLock lock(&unknown_mu_);
+  if (auto it = unknown_methods_.find(full_method); it != unknown_methods_.end()) {
+    return *it->second;
+  }
+  std::unique_ptr<MethodMetrics>& slot = unknown_methods_[full_method];
+  slot = NewMethodMetrics(full_method, RpcTypeName(type));
+  return *slot;
+}
+
+RpcTotals ServerMetrics::Totals() {
+  RpcTotals totals;
+  auto add = [&totals](const MethodMetrics& method) {
+    totals.started += static_cast<uint64_t>(method.started->Value());
+    for (int code = 0; code < kStatusCodes; ++code) {
+      const auto count = static_cast<uint64_t>(method.handled[code]->Value());
+      (code == 0 ? totals.ok : totals.failed) += count;
+    }
+  };
+  for (const auto& [name, method] : methods_) add(*method);
+  absl::MutexLock lock(&unknown_mu_);
+  for (const auto& [name, method] : unknown_methods_) add(*method);
+  return totals;
+}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+ServerMetrics::NewInterceptorFactory() {
+  return std::make_unique<MetricsInterceptorFactory>(this);
+}
+
+}  // namespace callsession

@@ -1,0 +1,85 @@
+// Prometheus metrics on their own HTTP port (/metrics):
+//  - per RPC, with go-grpc-prometheus names and labels (grpc_type,
+//    grpc_service, grpc_method, and grpc_code where it applies):
+//    grpc_server_started_total, grpc_server_handled_total,
+//    grpc_server_handling_seconds (histogram);
+//  - the service's own state, read from CallSessionCore::Stats() at scrape
+//    time: callsession_live_{apps,lines,calls,call_handles,event_subscribers}
+//    and callsession_{calls_created,calls_freed,call_handles_created,
+//    call_handles_voided,call_handles_deallocated,calls_dropped_by_line_close,
+//    forced_line_closes}_total.
+//
+// The per-RPC series of every method of the given services are created up
+// front (as go-grpc-prometheus's InitializeMetrics does), so recording an RPC
+// takes no lock but the method's histogram's own.
+#ifndef CALLSESSION_SERVER_METRICS_H_
+#define CALLSESSION_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "grpcpp/support/server_interceptor.h"
+#include "server/core/call_session_core.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace callsession {
+
+struct MethodMetrics;
+class CoreCollector;
+
+// RPCs the server accepted (its handler ran) and how they ended.
+struct RpcTotals {
+  uint64_t started = 0;
+  uint64_t ok = 0;
+  uint64_t failed = 0;
+};
+
+class ServerMetrics {
+ public:
+  // Serves /metrics on `address` (host:port; port 0 picks one). `core` must
+  // outlive the metrics. Errors: UNAVAILABLE if the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<ServerMetrics>> Start(
+      const std::string& address, const CallSessionCore* core,
+      const std::vector<std::string>& service_names);
+  ~ServerMetrics();
+
+  // Records every RPC of the server it is installed in. The factory keeps a
+  // pointer to this object, which must outlive the server.
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewInterceptorFactory();
+
+  int port() const { return port_; }
+
+  // Sums of grpc_server_started_total and grpc_server_handled_total.
+  RpcTotals Totals();
+
+  // For the interceptor: the series of a method ("/pkg.Service/Method").
+  MethodMetrics& ForMethod(const char* full_method, grpc::experimental::ServerRpcInfo::Type type);
+
+ private:
+  ServerMetrics() = default;
+  // Registers the series of one method. The registry is thread-safe.
+  std::unique_ptr<MethodMetrics> NewMethodMetrics(const std::string& full_method,
+                                                  const char* rpc_type);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<CoreCollector> core_collector_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+  // Built in Start and never changed afterwards: read without a lock.
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodMetrics>> methods_;
+  // Methods not known up front (e.g. health, reflection), added on first use.
+  absl::Mutex unknown_mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodMetrics>> unknown_methods_
+      ABSL_GUARDED_BY(unknown_mu_);
+};
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_SERVER_METRICS_H_

@@ -1,0 +1,139 @@
+// Runs the real callsessiond (and callctl) for end-to-end tests.
+#ifndef CALLSESSION_TESTS_DAEMON_H_
+#define CALLSESSION_TESTS_DAEMON_H_
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace callsession {
+
+// callsessiond as a child process with its stderr (the JSON log) piped to
+// the test. Killed on destruction if still running.
+class Daemon {
+ public:
+  // `environment` holds "NAME=value" entries: the child's whole environment.
+  Daemon(const std::vector<std::string>& flags, const std::vector<std::string>& environment) {
+    int err_pipe[2];
+    if (pipe(err_pipe) != 0) return;
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, err_pipe[1], STDERR_FILENO);
+    posix_spawn_file_actions_addclose(&actions, err_pipe[0]);
+    std::vector<std::string> args = {CALLSESSIOND_PATH};
+    args.insert(args.end(), flags.begin(), flags.end());
+    std::vector<char*> argv;
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    std::vector<std::string> env = environment;
+    std::vector<char*> envp;
+    for (std::string& entry : env) envp.push_back(entry.data());
+    envp.push_back(nullptr);
+    if (posix_spawn(&pid_, CALLSESSIOND_PATH, &actions, nullptr, argv.data(), envp.data()) != 0) {
+      pid_ = -1;
+    }
+    posix_spawn_file_actions_destroy(&actions);
+    close(err_pipe[1]);
+    stderr_ = fdopen(err_pipe[0], "r");
+  }
+
+  ~Daemon() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (stderr_ != nullptr) fclose(stderr_);
+  }
+
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  bool started() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+
+  // The next line of the log, or "" at its end. Every line read is also kept
+  // in log().
+  std::string ReadLine() {
+    char buffer[8192];
+    if (stderr_ == nullptr || fgets(buffer, sizeof(buffer), stderr_) == nullptr) return "";
+    log_ += buffer;
+    return buffer;
+  }
+
+  // Reads the log up to the "listening" line and returns the value of
+  // `field` in it (e.g. "address", "metrics_port"); "" if it never came.
+  std::string WaitUntilListening(const std::string& field = "address") {
+    for (std::string line = ReadLine(); !line.empty(); line = ReadLine()) {
+      if (absl::StrContains(line, "\"event\":\"listening\"")) {
+        listening_line_ = line;
+        return Field(field);
+      }
+    }
+    return "";
+  }
+
+  // A field of the "listening" line, as text (quotes stripped).
+  std::string Field(const std::string& field) const {
+    const std::string key = absl::StrCat("\"", field, "\":");
+    const size_t at = listening_line_.find(key);
+    if (at == std::string::npos) return "";
+    size_t start = at + key.size();
+    if (listening_line_[start] == '"') ++start;
+    size_t end = listening_line_.find_first_of("\",}", start);
+    return listening_line_.substr(start, end - start);
+  }
+
+  // Sends `signal`, waits, reads the rest of the log; returns the exit
+  // code (-1 if killed by a signal).
+  int StopWith(int signal) {
+    kill(pid_, signal);
+    return Wait();
+  }
+
+  int Wait() {
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    while (!ReadLine().empty()) {
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  const std::string& log() const { return log_; }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* stderr_ = nullptr;
+  std::string log_;
+  std::string listening_line_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;
+};
+
+// Runs a shell command; captures stdout and stderr together.
+inline CommandResult RunCommand(const std::string& command) {
+  CommandResult result;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.output.append(buffer, n);
+  const int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_TESTS_DAEMON_H_
