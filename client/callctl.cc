@@ -2,6 +2,8 @@
 //
 //   callctl [flags] COMMAND [ARGS...]
 //
+// --tls_ca (and --tls_cert/--tls_key for mutual TLS) select a TLS channel.
+//
 // Application commands use the app token from --token (or
 // CALLSESSION_APP_TOKEN), which `init` prints; provider commands use
 // --provider_token (or CALLSESSION_PROVIDER_TOKEN). Results are printed as
@@ -30,6 +32,11 @@ ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
 ABSL_FLAG(std::string, token, "", "app token (default: $CALLSESSION_APP_TOKEN)");
 ABSL_FLAG(std::string, provider_token, "", "provider token (default: $CALLSESSION_PROVIDER_TOKEN)");
 ABSL_FLAG(absl::Duration, deadline, absl::Seconds(5), "deadline of each call");
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle to verify a TLS server (enables TLS)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for mutual TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM key of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name to verify in the server certificate (default: the host of --server)");
 ABSL_FLAG(int32_t, count, 0, "watch: stop after this many events (0: until the stream ends)");
 ABSL_FLAG(absl::Duration, idle_timeout, absl::InfiniteDuration(),
           "watch: stop after this long without an event");
@@ -354,8 +361,14 @@ int main(int argc, char** argv) {
 
   callsession::ClientOptions options;
   options.deadline = absl::GetFlag(FLAGS_deadline);
-  auto channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  auto credentials = callsession::ChannelCredentialsFrom(
+      {absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key)});
+  if (!credentials.ok()) return callsession::Fail(credentials.status());
+  grpc::ChannelArguments channel_args;
+  if (!absl::GetFlag(FLAGS_tls_server_name).empty()) {
+    channel_args.SetSslTargetNameOverride(absl::GetFlag(FLAGS_tls_server_name));
+  }
+  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_server), *credentials, channel_args);
   callsession::Context ctx{
       callsession::CallSessionClient(channel, options),
       callsession::ProviderClient(

@@ -1,5 +1,7 @@
 #include "client/callsession_client.h"
 
+#include <fstream>
+#include <sstream>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -49,6 +51,45 @@ std::string TapiReason(const absl::Status& status) {
   google::rpc::ErrorInfo info;
   if (!info.ParseFromString(std::string(*payload))) return "";
   return info.reason();
+}
+
+namespace {
+
+absl::StatusOr<std::string> ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream contents;
+  if (!in || !(contents << in.rdbuf())) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read \"", path, "\""));
+  }
+  return contents.str();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFrom(
+    const ChannelTlsFiles& files) {
+  if (files.ca_file.empty() && files.cert_file.empty() && files.key_file.empty()) {
+    return grpc::InsecureChannelCredentials();
+  }
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "a client certificate needs its key, and a key its certificate");
+  }
+  grpc::SslCredentialsOptions options;
+  if (!files.ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadPem(files.ca_file);
+    if (!ca.ok()) return ca.status();
+    options.pem_root_certs = *std::move(ca);
+  }
+  if (!files.cert_file.empty()) {
+    absl::StatusOr<std::string> cert = ReadPem(files.cert_file);
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key = ReadPem(files.key_file);
+    if (!key.ok()) return key.status();
+    options.pem_cert_chain = *std::move(cert);
+    options.pem_private_key = *std::move(key);
+  }
+  return grpc::SslCredentials(options);
 }
 
 void PrepareContext(grpc::ClientContext* context, absl::Duration deadline,

@@ -28,6 +28,7 @@
 #include "callsession/v1/provider_service.grpc.pb.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/support/status.h"
 
 namespace callsession {
@@ -129,6 +130,19 @@ class ProviderClient {
   std::unique_ptr<v1::ProviderService::Stub> stub_;
   const std::string token_;
 };
+
+// PEM files for a TLS channel. Empty ca_file: plaintext. cert and key: a
+// client certificate, for servers that require mutual TLS.
+struct ChannelTlsFiles {
+  std::string ca_file;
+  std::string cert_file;
+  std::string key_file;
+};
+
+// Credentials for CreateChannel. INVALID_ARGUMENT if a file cannot be read
+// or a certificate comes without its key.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFrom(
+    const ChannelTlsFiles& files);
 
 // Sets `deadline` from now and, if `token` is not empty, the bearer token.
 void PrepareContext(grpc::ClientContext* context, absl::Duration deadline,

@@ -422,6 +422,17 @@ TEST_F(TlsTest, MutualTlsNeedsAClientCertificateSignedByTheCa) {
   EXPECT_EQ(daemon.Field("mutual_tls"), "true");
   EXPECT_THAT(Ping(TlsChannel(address, true)), IsOk());
   EXPECT_FALSE(Ping(TlsChannel(address, false)).ok()) << "no client certificate";
+
+  // callctl speaks mutual TLS too.
+  const std::string callctl =
+      absl::StrCat(CALLCTL_PATH, " --server=", address,
+                   " --tls_server_name=localhost --tls_ca=", Path("ca.pem"));
+  CommandResult with_cert = RunCommand(absl::StrCat(callctl, " --tls_cert=", Path("client.pem"),
+                                                    " --tls_key=", Path("client.key"), " init"));
+  EXPECT_EQ(with_cert.exit_code, 0) << with_cert.output;
+  EXPECT_TRUE(absl::StrContains(with_cert.output, "app_token")) << with_cert.output;
+  CommandResult without_cert = RunCommand(absl::StrCat(callctl, " --deadline=3s init"));
+  EXPECT_EQ(without_cert.exit_code, 1) << without_cert.output;
 }
 
 // --- Limits ------------------------------------------------------------------------------

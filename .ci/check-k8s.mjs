@@ -1,0 +1,92 @@
+// Validates rendered Kubernetes manifests: every object against the API
+// schema (kubernetes-models), then the properties the deployment relies on.
+//   node .ci/check-k8s.mjs OVERLAY=rendered.yaml ...
+import { readFileSync } from 'node:fs';
+import { parseAllDocuments } from 'yaml';
+
+let failures = 0;
+const fail = (where, message) => {
+  console.error(`FAIL ${where}: ${message}`);
+  failures++;
+};
+const check = (where, condition, message) => {
+  if (!condition) fail(where, message);
+};
+const seconds = (text) => {
+  const match = /^(\d+)s$/.exec(text ?? '');
+  return match ? Number(match[1]) : NaN;
+};
+
+for (const argument of process.argv.slice(2)) {
+  const [overlay, file] = argument.split('=');
+  const objects = parseAllDocuments(readFileSync(file, 'utf8'))
+    .map((document) => document.toJS())
+    .filter(Boolean);
+  const byKind = {};
+  for (const object of objects) {
+    const where = `${overlay} ${object.kind}/${object.metadata?.name}`;
+    const [group, version] = object.apiVersion.includes('/')
+      ? object.apiVersion.split('/')
+      : [null, object.apiVersion];
+    const path = `kubernetes-models/${group ? `${group}/` : ''}${version}/${object.kind}`;
+    let Model;
+    try {
+      const module = await import(path);
+      Model = module[object.kind] ?? module.default;
+    } catch (error) {
+      fail(where, `no schema for ${object.apiVersion} ${object.kind}`);
+      continue;
+    }
+    try {
+      new Model(object).validate();
+    } catch (error) {
+      fail(where, `schema: ${error.message}`);
+    }
+    (byKind[object.kind] ??= []).push(object);
+  }
+
+  for (const kind of ['Deployment', 'Service', 'PodDisruptionBudget', 'NetworkPolicy',
+                      'ServiceAccount']) {
+    check(overlay, byKind[kind]?.length, `no ${kind}`);
+  }
+  const deployment = byKind.Deployment?.[0];
+  if (!deployment) continue;
+  const where = `${overlay} Deployment`;
+  const pod = deployment.spec.template.spec;
+  check(where, deployment.spec.replicas === 1, 'state is in memory: exactly one replica');
+  check(where, deployment.spec.strategy?.type === 'Recreate', 'strategy must be Recreate');
+  check(where, pod.securityContext?.runAsNonRoot === true, 'pod must run as non-root');
+  check(where, pod.automountServiceAccountToken === false, 'no service account token needed');
+  for (const container of pod.containers) {
+    const at = `${where} container ${container.name}`;
+    const security = container.securityContext ?? {};
+    check(at, security.readOnlyRootFilesystem === true, 'read-only root filesystem');
+    check(at, security.allowPrivilegeEscalation === false, 'no privilege escalation');
+    check(at, security.capabilities?.drop?.includes('ALL'), 'drop all capabilities');
+    check(at, container.livenessProbe?.grpc?.port === 50051, 'native gRPC liveness probe');
+    check(at, container.readinessProbe?.grpc?.port === 50051, 'native gRPC readiness probe');
+    check(at, container.resources?.requests?.cpu && container.resources?.requests?.memory,
+          'resource requests');
+    check(at, container.resources?.limits?.memory, 'memory limit');
+    const env = Object.fromEntries((container.env ?? []).map((e) => [e.name, e]));
+    const secretName = env.CALLSESSION_PROVIDER_TOKEN?.valueFrom?.secretKeyRef?.name;
+    check(at, secretName, 'provider token from a Secret');
+    const generated = (byKind.Secret ?? []).map((s) => s.metadata.name);
+    if (generated.length) {
+      check(at, generated.includes(secretName), `secretKeyRef ${secretName} not rendered`);
+    }
+    const grace = seconds(env.CALLSESSION_SHUTDOWN_GRACE?.value);
+    const sleep = Number(container.lifecycle?.preStop?.exec?.command?.at(-1));
+    check(at, Number.isFinite(grace), 'CALLSESSION_SHUTDOWN_GRACE as <N>s');
+    check(at, Number.isFinite(sleep), 'a preStop sleep');
+    check(at, pod.terminationGracePeriodSeconds >= sleep + grace,
+          `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds} < preStop ` +
+          `${sleep} + grace ${grace}`);
+  }
+  const ports = (byKind.Service ?? []).flatMap((s) => s.spec.ports.map((p) => p.port));
+  check(overlay, ports.includes(50051) && ports.includes(9090), 'Services for gRPC and metrics');
+  const annotations = deployment.spec.template.metadata.annotations ?? {};
+  check(overlay, annotations['prometheus.io/scrape'] === 'true', 'Prometheus scrape annotation');
+  console.log(`ok ${overlay}: ${objects.length} objects valid`);
+}
+process.exit(failures ? 1 : 0);
