@@ -537,9 +537,10 @@ TEST(OpsTest, SigtermUnderLoadFailsNoAcceptedRpcAndEndsStreamsCleanly) {
     const std::string key = absl::StrCat("\"", name, "\":");
     const size_t at = log.find(key, stopped);
     uint64_t value = 0;
-    if (at != std::string::npos) {
-      absl::SimpleAtoi(log.substr(at + key.size(), log.find_first_of(",}", at) - at - key.size()),
-                       &value);
+    if (at == std::string::npos ||
+        !absl::SimpleAtoi(
+            log.substr(at + key.size(), log.find_first_of(",}", at) - at - key.size()), &value)) {
+      ADD_FAILURE() << "no " << name << " in the stopped line";
     }
     return value;
   };

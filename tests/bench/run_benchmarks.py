@@ -1,0 +1,371 @@
+#!/usr/bin/python3
+"""Runs every callsession benchmark in one go and writes the results.
+
+    run_benchmarks.py BUILD_DIR OUT_DIR [--quick]
+
+Starts what it needs on loopback (callsessiond, the empty-handler baseline
+server, redis-server) and runs, in order:
+  1. the handle table microbenchmarks (Google Benchmark);
+  2. h2load (gRPC unary framing, authorization header) against GetCallInfo on
+     callsessiond and on the baseline, and redis-benchmark HSET / HGETALL /
+     DEL with the same client concurrency;
+  3. callsession-loadgen: get-call-info (closed loop to saturation, then open
+     loop at half that rate for latency), lifecycle and inbound;
+  4. memory: RSS per live call and per extra handle at 1e5 and 1e6 calls,
+     and after everything is deallocated.
+Writes OUT_DIR/results.json and OUT_DIR/BENCHMARKS-tables.md. Every figure is
+the median of the repetitions shown. The machine is shared and noisy: compare
+the ratios, which are measured in the same run.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BUILD, OUT = sys.argv[1], sys.argv[2]
+QUICK = "--quick" in sys.argv
+REPEATS = 1 if QUICK else 3
+TOKEN = "bench-provider-token"
+H2_CONNECTIONS, H2_STREAMS = 4, 16  # 64 requests in flight
+H2_REQUESTS = 50_000 if QUICK else 300_000
+CONCURRENCY = H2_CONNECTIONS * H2_STREAMS
+LOAD_SECONDS = "3s" if QUICK else "10s"
+MEMORY_SIZES = [100_000] if QUICK else [100_000, 1_000_000]
+
+os.makedirs(OUT, exist_ok=True)
+results = {"machine": {}, "microbenchmarks": {}, "h2load": {}, "redis": {}, "loadgen": {},
+           "memory": {}, "targets": {}}
+
+
+def log(message):
+    print(f"[bench] {message}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine():
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cores": os.cpu_count(), "cpu": model, "kernel": os.uname().release}
+
+
+class Server:
+    """A server process on a free loopback port."""
+
+    def __init__(self, argv, env=None, ready=None):
+        self.port = free_port()
+        self.argv = [a.replace("PORT", str(self.port)) for a in argv]
+        self.process = subprocess.Popen(self.argv, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{argv[0]} did not start")
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def callsessiond(extra=()):
+    env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": "warning"}
+    return Server([f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
+                   "--shutdown_grace=1s", *extra], env=env)
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+def callctl(port, *args, token=""):
+    argv = [f"{BUILD}/client/callctl", f"--server=127.0.0.1:{port}"]
+    if token:
+        argv.append(f"--token={token}")
+    return json.loads(run(argv + list(args)).stdout)
+
+
+# --- 1. microbenchmarks ----------------------------------------------------
+
+def microbenchmarks():
+    log("handle table microbenchmarks")
+    out = os.path.join(OUT, "handle_table_bench.json")
+    run([f"{BUILD}/tests/bench/handle_table_bench", f"--benchmark_out={out}",
+         "--benchmark_out_format=json", f"--benchmark_repetitions={REPEATS}",
+         "--benchmark_min_time=" + ("0.05" if QUICK else "0.3")])
+    with open(out) as f:
+        data = json.load(f)
+    table = {}
+    for b in data["benchmarks"]:
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
+        if REPEATS > 1 and b.get("run_type") != "aggregate":
+            continue
+        name = b["run_name"] if "run_name" in b else b["name"]
+        m = re.match(r"BM_(\w+)<(\w+)>/live:(\d+)/real_time/threads:(\d+)", name)
+        if not m:
+            continue
+        workload, kind, live, threads = m.groups()
+        table.setdefault(workload, {}).setdefault(kind, {})[f"{live}/{threads}"] = \
+            b["items_per_second"]
+    results["microbenchmarks"] = table
+
+
+# --- 2. h2load and redis -----------------------------------------------------
+
+def grpc_frame(call_handle):
+    """A GetCallInfoRequest{call_handle} in gRPC's length-prefixed framing."""
+    body = bytearray([0x08])  # field 1, varint
+    value = call_handle
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        body.append(byte | (0x80 if value else 0))
+        if not value:
+            break
+    return bytes([0]) + len(body).to_bytes(4, "big") + bytes(body)
+
+
+def h2load(port, token, call_handle):
+    with tempfile.NamedTemporaryFile(delete=False, suffix=".bin") as f:
+        f.write(grpc_frame(call_handle))
+        body = f.name
+    rates = []
+    for _ in range(REPEATS):
+        out = run(["h2load", "-n", str(H2_REQUESTS), "-c", str(H2_CONNECTIONS),
+                   "-m", str(H2_STREAMS), "-d", body,
+                   "-H", "content-type: application/grpc", "-H", "te: trailers",
+                   "-H", f"authorization: Bearer {token}",
+                   f"http://127.0.0.1:{port}/callsession.v1.CallSessionService/GetCallInfo"]).stdout
+        rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+        ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))
+        if ok != H2_REQUESTS:
+            raise RuntimeError(f"h2load: only {ok} of {H2_REQUESTS} succeeded:\n{out}")
+        rates.append(rate)
+    os.unlink(body)
+    return statistics.median(rates)
+
+
+def live_handle(port):
+    init = callctl(port, "init", "bench")
+    token = init["app_token"]
+    line = callctl(port, "line-open", "0", token=token)["line_handle"]
+    call = callctl(port, "make-call", line, "+15550100", token=token)
+    return token, int(call["call_handle"])
+
+
+def transport_and_redis():
+    server = callsessiond()
+    baseline = Server([f"{BUILD}/tests/bench/baseline_server", "--listen=127.0.0.1:PORT"])
+    try:
+        token, handle = live_handle(server.port)
+        # The baseline answers any handle; the token is sent to keep the
+        # request bytes identical.
+        log(f"h2load GetCallInfo, {H2_CONNECTIONS}x{H2_STREAMS} in flight, x{REPEATS}")
+        ours = h2load(server.port, token, handle)
+        base = h2load(baseline.port, token, handle)
+        results["h2load"] = {"callsessiond_rps": ours, "baseline_rps": base,
+                             "ratio": ours / base, "connections": H2_CONNECTIONS,
+                             "streams_per_connection": H2_STREAMS, "requests": H2_REQUESTS}
+    finally:
+        server.stop()
+        baseline.stop()
+
+    log(f"redis-benchmark, {CONCURRENCY} clients")
+    redis = Server(["redis-server", "--port", "PORT", "--save", "", "--appendonly", "no",
+                    "--bind", "127.0.0.1"])
+    try:
+        cli = ["redis-cli", "-p", str(redis.port)]
+        run(cli + ["HSET", "call:1", "line_handle", "1234", "call_id", "5678", "origin", "1",
+                   "called_id", "+15550100", "num_owners", "1", "create_time", "1700000000"])
+        out = {}
+        commands = {
+            "HSET": ["HSET", "call:__rand_int__", "called_id", "+15550100", "origin", "1"],
+            "HGETALL": ["HGETALL", "call:1"],
+            "DEL": ["DEL", "call:__rand_int__"],
+        }
+        for name, command in commands.items():
+            rates = []
+            for _ in range(REPEATS):
+                csv = run(["redis-benchmark", "-p", str(redis.port), "-c", str(CONCURRENCY),
+                           "-n", str(H2_REQUESTS), "-r", "100000", "--csv"] + command).stdout
+                rates.append(float(csv.strip().splitlines()[-1].split(",")[1].strip('"')))
+            out[name] = statistics.median(rates)
+        results["redis"] = out
+    finally:
+        redis.stop()
+
+
+# --- 3. loadgen ------------------------------------------------------------------
+
+def loadgen(port, scenario, *extra):
+    out = os.path.join(OUT, f"loadgen-{scenario}-{len(results['loadgen'])}.json")
+    argv = [f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{port}",
+            f"--scenario={scenario}", f"--duration={LOAD_SECONDS}", "--warmup=1s",
+            f"--provider_token={TOKEN}", f"--json={out}", *extra]
+    text = run(argv).stdout
+    print(text, end="")
+    with open(out) as f:
+        return json.load(f)
+
+
+def loadgen_scenarios():
+    server = callsessiond()
+    try:
+        log("loadgen get-call-info, closed loop")
+        saturation = loadgen(server.port, "get-call-info", f"--concurrency={CONCURRENCY}",
+                             "--channels=4")
+        rate = saturation["requests_per_second"] / 2
+        log(f"loadgen get-call-info, open loop at half saturation ({rate:.0f}/s)")
+        half = loadgen(server.port, "get-call-info", f"--rate={rate:.0f}",
+                       f"--concurrency={CONCURRENCY}", "--channels=4")
+        log("loadgen lifecycle")
+        lifecycle = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
+                            "--channels=4")
+        log("loadgen inbound")
+        inbound = loadgen(server.port, "inbound", f"--concurrency={CONCURRENCY}", "--channels=4")
+    finally:
+        server.stop()
+    baseline = Server([f"{BUILD}/tests/bench/baseline_server", "--listen=127.0.0.1:PORT"])
+    try:
+        log("loadgen against the empty-handler baseline (the same client's limit)")
+        base = loadgen(baseline.port, "get-call-info", "--fixed_handle=1",
+                       f"--concurrency={CONCURRENCY}", "--channels=4")
+    finally:
+        baseline.stop()
+    results["loadgen"] = {"baseline_get_call_info": base,
+                          "get_call_info_saturation": saturation,
+                          "get_call_info_half_rate": half,
+                          "lifecycle": lifecycle, "inbound": inbound}
+
+
+# --- 4. memory ---------------------------------------------------------------------
+
+def memory():
+    for calls in MEMORY_SIZES:
+        log(f"memory with {calls} calls")
+        server = callsessiond(["--event_queue_limit=1000"])
+        try:
+            out = os.path.join(OUT, f"memory-{calls}.json")
+            run([f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{server.port}",
+                 "--scenario=memory", f"--calls={calls}", "--concurrency=8",
+                 f"--server_pid={server.process.pid}", f"--json={out}"])
+            with open(out) as f:
+                results["memory"][str(calls)] = json.load(f)
+        finally:
+            server.stop()
+
+
+def targets():
+    t = {}
+    h2 = results["h2load"]
+    t["GetCallInfo h2load vs empty baseline >= 0.90"] = h2["ratio"]
+    t["GetCallInfo h2load vs Redis HGETALL >= 1.0"] = h2["callsessiond_rps"] / results["redis"]["HGETALL"]
+    base_rps = results["loadgen"]["baseline_get_call_info"]["requests_per_second"]
+    lifecycle_rps = results["loadgen"]["lifecycle"]["requests_per_second"]
+    t["lifecycle RPC rate vs baseline (same client) >= 0.85"] = lifecycle_rps / base_rps
+    t["GetCallInfo loadgen vs baseline (same client)"] = \
+        results["loadgen"]["get_call_info_saturation"]["requests_per_second"] / base_rps
+    half = results["loadgen"]["get_call_info_half_rate"]["rpcs"]["GetCallInfo"]
+    t["GetCallInfo p99 at half saturation < 1000 us"] = half["p99_us"]
+    mixed = results["microbenchmarks"].get("Mixed", {})
+    if mixed:
+        t["mixed 2 threads sharded vs global mutex >= 1.5 (1e5 live)"] = \
+            mixed["ShardedTable"]["100000/2"] / mixed["GlobalMutexTable"]["100000/2"]
+        lookup = results["microbenchmarks"]["Lookup"]["ShardedTable"]
+        t["lookup cost 1e6 / 1e3 live <= 2"] = lookup["1000/1"] / lookup["1000000/1"]
+    for calls, m in results["memory"].items():
+        t[f"bytes per live call at {calls} <= 256"] = m["bytes_per_call"]
+        t[f"bytes per extra handle at {calls} <= 64"] = m["bytes_per_extra_handle"]
+        t[f"RSS after / before at {calls} <= 1.25"] = m["after_over_before"]
+    results["targets"] = t
+
+
+def tables():
+    r = results
+    lines = [f"Machine: {r['machine']['cores']} cores, {r['machine']['cpu']}, "
+             f"kernel {r['machine']['kernel']}. Medians of {REPEATS} runs.", ""]
+    h2 = r["h2load"]
+    lines += ["### Transport: GetCallInfo under h2load, and Redis", "",
+              f"{h2['connections']} connections x {h2['streams_per_connection']} streams "
+              f"= {CONCURRENCY} in flight; redis-benchmark with {CONCURRENCY} clients.", "",
+              "| server | requests/s | vs baseline |", "|---|---:|---:|",
+              f"| empty-handler baseline | {h2['baseline_rps']:,.0f} | 1.00 |",
+              f"| callsessiond GetCallInfo | {h2['callsessiond_rps']:,.0f} | {h2['ratio']:.2f} |"]
+    for name, rps in r["redis"].items():
+        lines.append(f"| redis {name} | {rps:,.0f} | {rps / h2['baseline_rps']:.2f} |")
+    lines += ["", "### Load generator (callback API client)", "",
+              "| scenario | requests/s | lifecycles/s | RPC | p50 us | p90 us | p99 us | p99.9 us |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, run_ in r["loadgen"].items():
+        first = True
+        for rpc, p in run_["rpcs"].items():
+            lead = (f"| {name} | {run_['requests_per_second']:,.0f} | "
+                    f"{run_['lifecycles_per_second']:,.0f} ") if first else "| | | "
+            lines.append(f"{lead}| {rpc} | {p['p50_us']:.0f} | {p['p90_us']:.0f} | "
+                         f"{p['p99_us']:.0f} | {p['p999_us']:.0f} |")
+            first = False
+    micro = r["microbenchmarks"]
+    if micro:
+        lines += ["", "### Handle table (million operations/s; live entries / threads)", ""]
+        columns = ["1000/1", "1000/2", "100000/1", "100000/2", "1000000/1", "1000000/2"]
+        lines += ["| workload | table | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---:|" * len(columns)]
+        for workload, kinds in micro.items():
+            for kind, values in kinds.items():
+                cells = [f"{values[c] / 1e6:.1f}" if c in values else "" for c in columns]
+                lines.append(f"| {workload} | {kind} | " + " | ".join(cells) + " |")
+    if r["memory"]:
+        lines += ["", "### Memory (RSS of callsessiond)", "",
+                  "| live calls | bytes per call | bytes per extra handle | RSS before MiB | "
+                  "RSS with calls MiB | RSS after all gone MiB | after / before |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for calls, m in r["memory"].items():
+            lines.append(f"| {int(calls):,} | {m['bytes_per_call']:.0f} | "
+                         f"{m['bytes_per_extra_handle']:.0f} | {m['rss_before'] / 2**20:.1f} | "
+                         f"{m['rss_with_calls'] / 2**20:.1f} | {m['rss_after'] / 2**20:.1f} | "
+                         f"{m['after_over_before']:.2f} |")
+    lines += ["", "### Targets", "", "| target | measured |", "|---|---:|"]
+    for name, value in r["targets"].items():
+        lines.append(f"| {name} | {value:,.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    results["machine"] = machine()
+    results["quick"] = QUICK
+    microbenchmarks()
+    transport_and_redis()
+    loadgen_scenarios()
+    memory()
+    targets()
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    text = tables()
+    with open(os.path.join(OUT, "BENCHMARKS-tables.md"), "w") as f:
+        f.write(text)
+    print(text)
+    log(f"wrote {OUT}/results.json and {OUT}/BENCHMARKS-tables.md")
+
+
+if __name__ == "__main__":
+    main()
