@@ -346,7 +346,8 @@ TEST(OpsTest, HelpDocumentsEveryFlagAndTheEnvironment) {
        {"--listen", "--devices", "--shards", "--metrics_listen", "--reflection", "--log_level",
         "--shutdown_grace", "--tls_cert", "--tls_key", "--tls_client_ca",
         "--max_receive_message_bytes", "--max_concurrent_streams", "--keepalive_time",
-        "--max_connection_age", "CALLSESSION_<FLAG>", "CALLSESSION_PROVIDER_TOKEN"}) {
+        "--max_connection_age", "--mutex_deadlock_detection", "CALLSESSION_<FLAG>",
+        "CALLSESSION_PROVIDER_TOKEN"}) {
     EXPECT_TRUE(absl::StrContains(help.output, flag)) << flag;
   }
 }

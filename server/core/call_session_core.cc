@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/timestamp.pb.h"
+#include "server/core/handle_table.h"
 #include "server/core/log.h"
 #include "server/core/status_macros.h"
 #include "server/core/tapi_error.h"
@@ -105,8 +106,7 @@ absl::StatusOr<std::array<uint8_t, 16>> RandomSecret() {
   return secret;
 }
 
-void SetTimestamp(absl::Time time, google::protobuf::Timestamp* out) {
-  const int64_t nanos = absl::ToUnixNanos(time);
+void SetTimestamp(int64_t nanos, google::protobuf::Timestamp* out) {
   int64_t seconds = nanos / 1000000000;
   int64_t rest = nanos % 1000000000;
   if (rest < 0) {
@@ -121,14 +121,14 @@ void SetTimestamp(absl::Time time, google::protobuf::Timestamp* out) {
 Holder* FindHolderLocked(Call& call, uint64_t handle, const App* app)
     ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
   for (Holder& holder : call.holders) {
-    if (holder.handle == handle) return holder.app == app ? &holder : nullptr;
+    if (holder.handle == handle) return holder.app() == app ? &holder : nullptr;
   }
   return nullptr;
 }
 
 bool HoldsLocked(const Call& call, const App* app) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
   return std::any_of(call.holders.begin(), call.holders.end(),
-                     [app](const Holder& h) { return h.app == app; });
+                     [app](const Holder& h) { return h.app() == app; });
 }
 
 size_t CountLocked(const Call& call, CallPrivilege privilege) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
@@ -252,14 +252,14 @@ absl::StatusOr<std::shared_ptr<Call>> CallSessionCore::FindCallOfHandle(
 
 v1::Event CallSessionCore::NewEvent() const {
   v1::Event event;
-  SetTimestamp(options_.clock->Now(), event.mutable_time());
+  SetTimestamp(absl::ToUnixNanos(options_.clock->Now()), event.mutable_time());
   return event;
 }
 
 uint64_t CallSessionCore::AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
                                           CallPrivilege privilege) {
   const uint64_t handle = store_->AddCallHandle(call);
-  call->holders.push_back(Holder{handle, line.app.get(), &line, privilege});
+  call->holders.push_back(Holder{handle, &line, privilege});
   {
     absl::MutexLock lock(&line.mu);
     line.call_handles.insert(handle);
@@ -276,14 +276,14 @@ void CallSessionCore::RemoveHolderLocked(Call& call, size_t index) {
 
 void CallSessionCore::SetStateLocked(Call& call, CallState state, EventPublisher& events) {
   call.state = state;
-  call.state_entry_time = options_.clock->Now();
+  call.state_entry_time_ns = absl::ToUnixNanos(options_.clock->Now());
   if (state == v1::CALL_STATE_CONNECTED) call.connected = true;
   for (const Holder& holder : call.holders) {
     v1::Event event = NewEvent();
     v1::CallStateEvent* change = event.mutable_call_state();
     change->set_call_handle(holder.handle);
     change->set_call_state(state);
-    events.Push(holder.app->events, std::move(event));
+    events.Push(holder.app()->events, std::move(event));
   }
 }
 
@@ -295,7 +295,7 @@ void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder,
   new_call->set_call_handle(holder.handle);
   new_call->set_call_privilege(holder.privilege);
   new_call->set_call_id(call.id);
-  events.Push(holder.app->events, std::move(event));
+  events.Push(holder.app()->events, std::move(event));
 }
 
 bool CallSessionCore::MarkFreedIfDoneLocked(Call& call) {
@@ -311,6 +311,7 @@ void CallSessionCore::FreeCall(const Call& call) {
   {
     absl::MutexLock lock(&device.mu);
     device.calls.erase(const_cast<Call*>(&call));
+    ShrinkIfSparse(device.calls);
   }
   store_->RemoveCall(call.id);
   calls_freed_.fetch_add(1, std::memory_order_relaxed);
@@ -609,15 +610,17 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
   info->set_line_device_id(call->device_id);
   info->set_call_id(call->id);
   info->set_origin(call->origin);
-  info->set_caller_id(call->caller_id);
-  info->set_called_id(call->called_id);
+  const absl::string_view caller = call->caller_id();
+  const absl::string_view called = call->called_id();
+  info->set_caller_id(caller.data(), caller.size());
+  info->set_called_id(called.data(), called.size());
   if (call->connected) {
-    info->set_connected_id(call->origin == v1::CALL_ORIGIN_OUTBOUND ? call->called_id
-                                                                    : call->caller_id);
+    const absl::string_view connected = call->origin == v1::CALL_ORIGIN_OUTBOUND ? called : caller;
+    info->set_connected_id(connected.data(), connected.size());
   }
   info->set_num_owners(CountLocked(*call, v1::CALL_PRIVILEGE_OWNER));
   info->set_num_monitors(CountLocked(*call, v1::CALL_PRIVILEGE_MONITOR));
-  SetTimestamp(call->create_time, info->mutable_create_time());
+  SetTimestamp(call->create_time_ns(), info->mutable_create_time());
   return absl::OkStatus();
 }
 
@@ -632,7 +635,7 @@ absl::Status CallSessionCore::GetCallStatus(absl::string_view token,
   v1::CallStatus* status = response->mutable_status();
   status->set_call_state(call->state);
   status->set_call_privilege(holder->privilege);
-  SetTimestamp(call->state_entry_time, status->mutable_state_entry_time());
+  SetTimestamp(call->state_entry_time_ns, status->mutable_state_entry_time());
   return absl::OkStatus();
 }
 
@@ -656,6 +659,7 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
     {
       absl::MutexLock line_lock(&line.mu);
       line.call_handles.erase(request.call_handle());
+      ShrinkIfSparse(line.call_handles);
     }
     free_call = MarkFreedIfDoneLocked(*call);
   }

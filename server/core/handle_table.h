@@ -31,6 +31,15 @@
 
 namespace callsession {
 
+// Shrinks an absl hash container that has become mostly empty: they never
+// shrink by themselves, and rehash(0) shrinks to fit. Doing it only below
+// 1/8 full keeps the cost amortised O(1) per erase.
+template <typename Container>
+void ShrinkIfSparse(Container& container) {
+  const size_t capacity = container.capacity();
+  if (capacity > 64 && container.size() < capacity / 8) container.rehash(0);
+}
+
 template <typename V>
 class ShardedHandleTable {
  public:
@@ -74,7 +83,7 @@ class ShardedHandleTable {
     if (it == shard.entries.end()) return std::nullopt;
     std::optional<V> value(std::move(it->second));
     shard.entries.erase(it);
-    ShrinkIfSparseLocked(shard);
+    ShrinkIfSparse(shard.entries);
     return value;
   }
 
@@ -117,15 +126,6 @@ class ShardedHandleTable {
   uint64_t NextInsertShard() const {
     thread_local uint64_t cursor = reinterpret_cast<uintptr_t>(&cursor) >> 6;
     return cursor++ & shard_mask_;
-  }
-
-  // flat_hash_map never shrinks by itself; rehash(0) shrinks to fit. Doing it
-  // only when under 1/8 full keeps the cost amortised O(1) per erase.
-  static void ShrinkIfSparseLocked(Shard& shard) ABSL_EXCLUSIVE_LOCKS_REQUIRED(shard.mu) {
-    const size_t capacity = shard.entries.capacity();
-    if (capacity > 64 && shard.entries.size() < capacity / 8) {
-      shard.entries.rehash(0);
-    }
   }
 
   const int shard_bits_;

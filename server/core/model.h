@@ -11,7 +11,7 @@
 // (a leaf) and sinks are woken after every lock is released.
 //
 // Lifetimes: the store owns Apps, Lines and Calls through shared_ptr. A Line
-// holds its App; a Call's holders point at their App and Line without
+// holds its App; a Call's holders point at their Line (and so App) without
 // owning them, which is safe because a Line is kept alive until every handle
 // opened through it has been voided, and voiding takes the Call's mutex.
 #ifndef CALLSESSION_SERVER_CORE_MODEL_H_
@@ -28,6 +28,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/inlined_vector.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "callsession/v1/types.pb.h"
@@ -110,39 +112,50 @@ struct Line {
   absl::flat_hash_set<uint64_t> call_handles ABSL_GUARDED_BY(mu);
 };
 
-// One application's handle to a call.
+// One application's handle to a call. Its app is line->app: a holder never
+// outlives its line (see "Lifetimes" above), so it needs no pointer of its own.
 struct Holder {
   uint64_t handle;
-  App* app;
   Line* line;
   v1::CallPrivilege privilege;
+
+  App* app() const { return line->app.get(); }
 };
 
-// One call, shared by every application holding a handle to it.
+// One call, shared by every application holding a handle to it. Laid out
+// compactly: one live call with one handle is the unit of the service's
+// memory (see BENCHMARKS.md).
 struct Call {
-  Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin, std::string caller_id,
-       std::string called_id, absl::Time create_time, v1::CallState state)
+  Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin, absl::string_view caller_id,
+       absl::string_view called_id, absl::Time create_time, v1::CallState state)
       : id(id),
         device_id(device_id),
         origin(origin),
-        caller_id(std::move(caller_id)),
-        called_id(std::move(called_id)),
-        create_time(create_time),
+        caller_length_(static_cast<uint8_t>(caller_id.size())),
+        parties_(absl::StrCat(caller_id, called_id)),
+        create_time_ns_(absl::ToUnixNanos(create_time)),
         state(state),
-        state_entry_time(create_time) {}
+        state_entry_time_ns(create_time_ns_) {}
 
   // Constant after construction.
   const uint64_t id;
   const uint32_t device_id;
   const v1::CallOrigin origin;
-  const std::string caller_id;
-  const std::string called_id;
-  const absl::Time create_time;
+  absl::string_view caller_id() const { return {parties_.data(), caller_length_}; }
+  absl::string_view called_id() const { return absl::string_view(parties_).substr(caller_length_); }
+  int64_t create_time_ns() const { return create_time_ns_; }
 
+ private:
+  // Both party addresses in one string; each is at most 128 bytes.
+  const uint8_t caller_length_;
+  const std::string parties_;
+  const int64_t create_time_ns_;
+
+ public:
   mutable absl::Mutex mu;
   v1::CallState state ABSL_GUARDED_BY(mu);
-  absl::Time state_entry_time ABSL_GUARDED_BY(mu);
-  bool connected ABSL_GUARDED_BY(mu) = false;  // has been CONNECTED
+  int64_t state_entry_time_ns ABSL_GUARDED_BY(mu);  // Unix time
+  bool connected ABSL_GUARDED_BY(mu) = false;        // has been CONNECTED
   // Set once, when the call is IDLE with no holder left; a freed call is
   // gone from the API even while a stale pointer to it is still around.
   bool freed ABSL_GUARDED_BY(mu) = false;
