@@ -544,8 +544,15 @@ int RunMemory(Setup& setup, std::shared_ptr<grpc::Channel> channel) {
       monitor_handles, monitor.token(), workers,
       [](CallSessionClient& app, uint64_t handle) { return app.DeallocateCall(handle); });
   if (!status.ok()) return Fail("DeallocateCall (monitor)", status);
-  absl::SleepFor(absl::Seconds(1));
-  const int64_t after = RssBytes(pid);
+  // The allocator returns freed pages over its decay time: take RSS once it
+  // has stopped falling for a second (at most 10 s).
+  int64_t after = RssBytes(pid);
+  for (int still = 0, waited = 0; still < 4 && waited < 40; ++waited) {
+    absl::SleepFor(absl::Milliseconds(250));
+    const int64_t now = RssBytes(pid);
+    still = now < after ? 0 : still + 1;
+    after = std::min(after, now);
+  }
 
   const double per_call = static_cast<double>(with_calls - before) / calls;
   const double per_handle =
