@@ -250,9 +250,13 @@ def loadgen_scenarios():
         log("loadgen against the empty-handler baseline (the same client's limit)")
         base = loadgen(baseline.port, "get-call-info", "--fixed_handle=1",
                        f"--concurrency={CONCURRENCY}", "--channels=4")
+        log(f"loadgen against the baseline, open loop at the same rate ({rate:.0f}/s)")
+        base_half = loadgen(baseline.port, "get-call-info", "--fixed_handle=1",
+                            f"--rate={rate:.0f}", f"--concurrency={CONCURRENCY}", "--channels=4")
     finally:
         baseline.stop()
     results["loadgen"] = {"baseline_get_call_info": base,
+                          "baseline_get_call_info_half_rate": base_half,
                           "get_call_info_saturation": saturation,
                           "get_call_info_half_rate": half,
                           "lifecycle": lifecycle, "inbound": inbound}
@@ -287,12 +291,19 @@ def targets():
         results["loadgen"]["get_call_info_saturation"]["requests_per_second"] / base_rps
     half = results["loadgen"]["get_call_info_half_rate"]["rpcs"]["GetCallInfo"]
     t["GetCallInfo p99 at half saturation < 1000 us"] = half["p99_us"]
+    t["(bound) empty baseline p99 at the same rate, us"] = \
+        results["loadgen"]["baseline_get_call_info_half_rate"]["rpcs"]["GetCallInfo"]["p99_us"]
     mixed = results["microbenchmarks"].get("Mixed", {})
     if mixed:
         t["mixed 2 threads sharded vs global mutex >= 1.5 (1e5 live)"] = \
             mixed["ShardedTable"]["100000/2"] / mixed["GlobalMutexTable"]["100000/2"]
         lookup = results["microbenchmarks"]["Lookup"]["ShardedTable"]
-        t["lookup cost 1e6 / 1e3 live <= 2"] = lookup["1000/1"] / lookup["1000000/1"]
+        t["lookup cost 1e6 / 1e3 live <= 2 (uniform random handles)"] = \
+            lookup["1000/1"] / lookup["1000000/1"]
+        plain = results["microbenchmarks"]["Lookup"]["PlainMap"]
+        t["(bound) unlocked flat_hash_map, same ratio"] = plain["1000/1"] / plain["1000000/1"]
+        hot = results["microbenchmarks"]["LookupHot"]["ShardedTable"]
+        t["lookup cost 1e6 / 1e3 live <= 2 (1000 hot handles)"] = hot["1000/1"] / hot["1000000/1"]
     for calls, m in results["memory"].items():
         t[f"bytes per live call at {calls} <= 256"] = m["bytes_per_call"]
         t[f"bytes per extra handle at {calls} <= 64"] = m["bytes_per_extra_handle"]
