@@ -605,6 +605,9 @@ TEST_F(ServiceTest, ShutdownClosesAllLinesAndVoidsTheToken) {
   const uint64_t line = Open(*app, 0);
   const v1::MakeCallResponse call = Make(*app, line);
   const uint64_t monitor_handle = NextEvent(*monitor_events).app_new_call().call_handle();
+  // The stream is attached once its first event arrives (a stream that
+  // reached the server only after Shutdown would rightly be refused).
+  EXPECT_EQ(NextEvent(*app_events).call_state().call_state(), v1::CALL_STATE_DIALING);
 
   ASSERT_THAT(app->Shutdown(), IsOk());
   EXPECT_THAT(app->GetCallInfo(call.call_handle()), Uninitialized());

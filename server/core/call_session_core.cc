@@ -133,13 +133,13 @@ bool HoldsLocked(const Call& call, const App* app) ABSL_SHARED_LOCKS_REQUIRED(ca
 
 size_t CountLocked(const Call& call, CallPrivilege privilege) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
   return std::count_if(call.holders.begin(), call.holders.end(),
-                       [privilege](const Holder& h) { return h.privilege == privilege; });
+                       [privilege](const Holder& h) { return h.privilege() == privilege; });
 }
 
 // True if `holder` is the call's only owner: then the call is its app's
 // alone, and that app may not walk away from it while it is live.
 bool IsSoleOwnerLocked(const Call& call, const Holder& holder) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
-  return holder.privilege == v1::CALL_PRIVILEGE_OWNER &&
+  return holder.privilege() == v1::CALL_PRIVILEGE_OWNER &&
          CountLocked(call, v1::CALL_PRIVILEGE_OWNER) == 1;
 }
 
@@ -240,9 +240,8 @@ absl::StatusOr<std::shared_ptr<Line>> CallSessionCore::FindOwnLine(const App& ap
   return line;
 }
 
-absl::StatusOr<std::shared_ptr<Call>> CallSessionCore::FindCallOfHandle(
-    uint64_t call_handle) const {
-  std::shared_ptr<Call> call = call_handle == 0 ? nullptr : store_->FindCallHandle(call_handle);
+absl::StatusOr<CallRef> CallSessionCore::FindCallOfHandle(uint64_t call_handle) const {
+  CallRef call = call_handle == 0 ? nullptr : store_->FindCallHandle(call_handle);
   if (call == nullptr) return InvalidCallHandle();
   return call;
 }
@@ -256,10 +255,10 @@ v1::Event CallSessionCore::NewEvent() const {
   return event;
 }
 
-uint64_t CallSessionCore::AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
+uint64_t CallSessionCore::AddHolderLocked(const CallRef& call, Line& line,
                                           CallPrivilege privilege) {
   const uint64_t handle = store_->AddCallHandle(call);
-  call->holders.push_back(Holder{handle, &line, privilege});
+  call->holders.push_back(Holder(handle, &line, privilege));
   {
     absl::MutexLock lock(&line.mu);
     line.call_handles.insert(handle);
@@ -291,9 +290,9 @@ void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder,
                                         EventPublisher& events) {
   v1::Event event = NewEvent();
   v1::AppNewCallEvent* new_call = event.mutable_app_new_call();
-  new_call->set_line_handle(holder.line->handle);
+  new_call->set_line_handle(holder.line()->handle);
   new_call->set_call_handle(holder.handle);
-  new_call->set_call_privilege(holder.privilege);
+  new_call->set_call_privilege(holder.privilege());
   new_call->set_call_id(call.id);
   events.Push(holder.app()->events, std::move(event));
 }
@@ -340,7 +339,7 @@ bool CallSessionCore::DetachLineLocked(Line& line, std::vector<uint64_t>* handle
 void CallSessionCore::VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles,
                                               EventPublisher& events) {
   for (uint64_t handle : handles) {
-    std::shared_ptr<Call> call = store_->FindCallHandle(handle);
+    CallRef call = store_->FindCallHandle(handle);
     if (call == nullptr) continue;  // deallocated meanwhile
     bool free_call = false;
     {
@@ -468,8 +467,11 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
   }
   response->set_line_handle(handle);
   Log(LogLevel::kDebug, "line_opened",
-      {{"app_handle", app->handle}, {"line_handle", handle}, {"device_id", device->id},
-       {"owner", owner}, {"monitor", monitor}});
+      {{"app_handle", app->handle},
+       {"line_handle", handle},
+       {"device_id", device->id},
+       {"owner", owner},
+       {"monitor", monitor}});
   return absl::OkStatus();
 }
 
@@ -481,7 +483,9 @@ absl::Status CallSessionCore::LineClose(absl::string_view token,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   if (!CloseLine(*line, events)) return InvalidLineHandle();
   Log(LogLevel::kDebug, "line_closed",
-      {{"app_handle", app->handle}, {"line_handle", line->handle}, {"device_id", line->device->id}});
+      {{"app_handle", app->handle},
+       {"line_handle", line->handle},
+       {"device_id", line->device->id}});
   return absl::OkStatus();
 }
 
@@ -537,10 +541,10 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
-  std::shared_ptr<Call> call;
+  CallRef call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
-    call = std::make_shared<Call>(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "", dest_address,
-                                  options_.clock->Now(), v1::CALL_STATE_DIALING);
+    call = CallRef::Make(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "", dest_address,
+                         options_.clock->Now(), v1::CALL_STATE_DIALING);
     return call;
   });
   device.calls.insert(call.get());
@@ -564,11 +568,11 @@ absl::Status CallSessionCore::Answer(absl::string_view token, const v1::AnswerRe
                                      v1::AnswerResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events;
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
-  if (holder->privilege != v1::CALL_PRIVILEGE_OWNER) {
+  if (holder->privilege() != v1::CALL_PRIVILEGE_OWNER) {
     return TapiError(TapiErrorCode::kNotOwner, "Answer needs an owner handle");
   }
   if (call->state != v1::CALL_STATE_OFFERING && call->state != v1::CALL_STATE_ACCEPTED) {
@@ -583,11 +587,11 @@ absl::Status CallSessionCore::Drop(absl::string_view token, const v1::DropReques
                                    v1::DropResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events;
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
-  if (holder->privilege != v1::CALL_PRIVILEGE_OWNER) {
+  if (holder->privilege() != v1::CALL_PRIVILEGE_OWNER) {
     return TapiError(TapiErrorCode::kNotOwner, "Drop needs an owner handle");
   }
   if (call->state == v1::CALL_STATE_IDLE) {
@@ -601,21 +605,22 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
                                           const v1::GetCallInfoRequest& request,
                                           v1::GetCallInfoResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
   v1::CallInfo* info = response->mutable_info();
-  info->set_line_handle(holder->line->handle);
+  info->set_line_handle(holder->line()->handle);
   info->set_line_device_id(call->device_id);
   info->set_call_id(call->id);
-  info->set_origin(call->origin);
+  info->set_origin(call->origin());
   const absl::string_view caller = call->caller_id();
   const absl::string_view called = call->called_id();
   info->set_caller_id(caller.data(), caller.size());
   info->set_called_id(called.data(), called.size());
   if (call->connected) {
-    const absl::string_view connected = call->origin == v1::CALL_ORIGIN_OUTBOUND ? called : caller;
+    const absl::string_view connected =
+        call->origin() == v1::CALL_ORIGIN_OUTBOUND ? called : caller;
     info->set_connected_id(connected.data(), connected.size());
   }
   info->set_num_owners(CountLocked(*call, v1::CALL_PRIVILEGE_OWNER));
@@ -628,13 +633,13 @@ absl::Status CallSessionCore::GetCallStatus(absl::string_view token,
                                             const v1::GetCallStatusRequest& request,
                                             v1::GetCallStatusResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
   v1::CallStatus* status = response->mutable_status();
   status->set_call_state(call->state);
-  status->set_call_privilege(holder->privilege);
+  status->set_call_privilege(holder->privilege());
   SetTimestamp(call->state_entry_time_ns, status->mutable_state_entry_time());
   return absl::OkStatus();
 }
@@ -643,7 +648,7 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
                                              const v1::DeallocateCallRequest& request,
                                              v1::DeallocateCallResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  CS_ASSIGN_OR_RETURN(std::shared_ptr<Call> call, FindCallOfHandle(request.call_handle()));
+  CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   bool free_call = false;
   {
     absl::MutexLock lock(&call->mu);
@@ -654,7 +659,7 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
                        "the sole owner of a call that is not IDLE must drop it "
                        "before deallocating");
     }
-    Line& line = *holder->line;
+    Line& line = *holder->line();
     RemoveHolderLocked(*call, holder - call->holders.data());
     {
       absl::MutexLock line_lock(&line.mu);
@@ -680,7 +685,7 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
   for (const Call* listed : device.calls) {
     // Every call in device.calls is still in the store: FreeCall removes
     // it from the device before the store.
-    std::shared_ptr<Call> call = store_->FindCall(listed->id);
+    CallRef call = store_->FindCall(listed->id);
     if (call == nullptr) continue;
     absl::MutexLock call_lock(&call->mu);
     if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
@@ -730,11 +735,10 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   EventPublisher events;
 
   absl::MutexLock device_lock(&device->mu);
-  std::shared_ptr<Call> call;
+  CallRef call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
-    call =
-        std::make_shared<Call>(id, device->id, v1::CALL_ORIGIN_INBOUND, request.caller_id(),
-                               request.called_id(), options_.clock->Now(), v1::CALL_STATE_OFFERING);
+    call = CallRef::Make(id, device->id, v1::CALL_ORIGIN_INBOUND, request.caller_id(),
+                         request.called_id(), options_.clock->Now(), v1::CALL_STATE_OFFERING);
     return call;
   });
   device->calls.insert(call.get());
@@ -765,8 +769,7 @@ absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
                      absl::StrCat("unknown call_state ", static_cast<int>(state)));
   }
   EventPublisher events;
-  std::shared_ptr<Call> call =
-      request.call_id() == 0 ? nullptr : store_->FindCall(request.call_id());
+  CallRef call = request.call_id() == 0 ? nullptr : store_->FindCall(request.call_id());
   if (call == nullptr) {
     return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
   }

@@ -59,7 +59,7 @@ struct CoreStats {
   uint64_t calls_created = 0;
   uint64_t calls_freed = 0;
   uint64_t call_handles_created = 0;
-  uint64_t call_handles_voided = 0;  // by any means
+  uint64_t call_handles_voided = 0;       // by any means
   uint64_t call_handles_deallocated = 0;  // by DeallocateCall
   uint64_t calls_dropped_by_line_close = 0;
   uint64_t forced_line_closes = 0;
@@ -154,7 +154,7 @@ class CallSessionCore {
   absl::StatusOr<std::shared_ptr<Line>> FindOwnLine(const App& app, uint64_t line_handle) const;
   // The call a handle addresses, or NOT_FOUND; the caller must still check,
   // under the call's lock, that the app holds it (FindHolderLocked).
-  absl::StatusOr<std::shared_ptr<Call>> FindCallOfHandle(uint64_t call_handle) const;
+  absl::StatusOr<CallRef> FindCallOfHandle(uint64_t call_handle) const;
 
   absl::Status PlaceOutboundCall(App& app, uint64_t line_handle, const std::string& dest_address,
                                  v1::MakeCallResponse* response, EventPublisher& events);
@@ -170,8 +170,8 @@ class CallSessionCore {
   void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles, EventPublisher& events);
 
   // Issues a handle to `call` for line.app through `line`.
-  uint64_t AddHolderLocked(const std::shared_ptr<Call>& call, Line& line,
-                           v1::CallPrivilege privilege) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
+  uint64_t AddHolderLocked(const CallRef& call, Line& line, v1::CallPrivilege privilege)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
   // Removes holders[index] and its handle from the store (not from its
   // line's set: the caller does that, or the line is closing).
   void RemoveHolderLocked(Call& call, size_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);

@@ -18,6 +18,7 @@
 #define CALLSESSION_SERVER_CORE_MODEL_H_
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -34,6 +35,7 @@
 #include "absl/time/time.h"
 #include "callsession/v1/types.pb.h"
 #include "server/core/event_queue.h"
+#include "server/core/ref_ptr.h"
 
 namespace callsession {
 
@@ -112,55 +114,80 @@ struct Line {
   absl::flat_hash_set<uint64_t> call_handles ABSL_GUARDED_BY(mu);
 };
 
-// One application's handle to a call. Its app is line->app: a holder never
-// outlives its line (see "Lifetimes" above), so it needs no pointer of its own.
-struct Holder {
-  uint64_t handle;
-  Line* line;
-  v1::CallPrivilege privilege;
+// One application's handle to a call, in 16 bytes: the privilege rides in
+// the low bit of the (8-aligned) line pointer. Its app is line()->app: a
+// holder never outlives its line (see "Lifetimes" above).
+class Holder {
+ public:
+  Holder(uint64_t handle, Line* line, v1::CallPrivilege privilege)
+      : handle(handle),
+        tagged_line_(reinterpret_cast<uintptr_t>(line) |
+                     (privilege == v1::CALL_PRIVILEGE_OWNER ? kOwnerBit : 0)) {}
 
-  App* app() const { return line->app.get(); }
+  uint64_t handle;
+  Line* line() const { return reinterpret_cast<Line*>(tagged_line_ & ~kOwnerBit); }
+  v1::CallPrivilege privilege() const {
+    return (tagged_line_ & kOwnerBit) != 0 ? v1::CALL_PRIVILEGE_OWNER
+                                           : v1::CALL_PRIVILEGE_MONITOR;
+  }
+  App* app() const { return line()->app.get(); }
+
+ private:
+  static constexpr uintptr_t kOwnerBit = 1;
+  uintptr_t tagged_line_;
 };
 
 // One call, shared by every application holding a handle to it. Laid out
-// compactly: one live call with one handle is the unit of the service's
-// memory (see BENCHMARKS.md).
+// compactly, fields ordered to pack: a live call with one handle is the unit
+// of the service's memory (see BENCHMARKS.md, Memory). Owned through RefPtr.
 struct Call {
   Call(uint64_t id, uint32_t device_id, v1::CallOrigin origin, absl::string_view caller_id,
        absl::string_view called_id, absl::Time create_time, v1::CallState state)
       : id(id),
         device_id(device_id),
-        origin(origin),
-        caller_length_(static_cast<uint8_t>(caller_id.size())),
-        parties_(absl::StrCat(caller_id, called_id)),
-        create_time_ns_(absl::ToUnixNanos(create_time)),
         state(state),
-        state_entry_time_ns(create_time_ns_) {}
+        origin_(static_cast<uint8_t>(origin)),
+        caller_length_(static_cast<uint8_t>(caller_id.size())),
+        state_entry_time_ns(absl::ToUnixNanos(create_time)),
+        create_time_ns_(state_entry_time_ns),
+        parties_(absl::StrCat(caller_id, called_id)) {}
 
   // Constant after construction.
   const uint64_t id;
   const uint32_t device_id;
-  const v1::CallOrigin origin;
+  v1::CallOrigin origin() const { return static_cast<v1::CallOrigin>(origin_); }
   absl::string_view caller_id() const { return {parties_.data(), caller_length_}; }
   absl::string_view called_id() const { return absl::string_view(parties_).substr(caller_length_); }
   int64_t create_time_ns() const { return create_time_ns_; }
 
- private:
-  // Both party addresses in one string; each is at most 128 bytes.
-  const uint8_t caller_length_;
-  const std::string parties_;
-  const int64_t create_time_ns_;
+  // RefPtr's count.
+  std::atomic<uint32_t> refs{0};
 
- public:
   mutable absl::Mutex mu;
   v1::CallState state ABSL_GUARDED_BY(mu);
-  int64_t state_entry_time_ns ABSL_GUARDED_BY(mu);  // Unix time
-  bool connected ABSL_GUARDED_BY(mu) = false;        // has been CONNECTED
+
+ private:
+  const uint8_t origin_;
+  const uint8_t caller_length_;  // addresses are at most 128 bytes
+
+ public:
+  bool connected ABSL_GUARDED_BY(mu) = false;  // has been CONNECTED
   // Set once, when the call is IDLE with no holder left; a freed call is
   // gone from the API even while a stale pointer to it is still around.
   bool freed ABSL_GUARDED_BY(mu) = false;
-  absl::InlinedVector<Holder, 1> holders ABSL_GUARDED_BY(mu);
+  int64_t state_entry_time_ns ABSL_GUARDED_BY(mu);  // Unix time
+
+ private:
+  const int64_t create_time_ns_;
+  // Both party addresses in one string.
+  const std::string parties_;
+
+ public:
+  // Room for an owner and one monitor without a heap allocation.
+  absl::InlinedVector<Holder, 2> holders ABSL_GUARDED_BY(mu);
 };
+
+using CallRef = RefPtr<Call>;
 
 }  // namespace callsession
 

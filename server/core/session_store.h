@@ -48,15 +48,15 @@ class SessionStore {
   virtual std::shared_ptr<Line> RemoveLine(uint64_t line_handle) = 0;
 
   // Calls are addressed by call id.
-  virtual uint64_t AddCall(Maker<Call> make) = 0;
-  virtual std::shared_ptr<Call> FindCall(uint64_t call_id) const = 0;
-  virtual std::shared_ptr<Call> RemoveCall(uint64_t call_id) = 0;
+  virtual uint64_t AddCall(absl::FunctionRef<CallRef(uint64_t call_id)> make) = 0;
+  virtual CallRef FindCall(uint64_t call_id) const = 0;
+  virtual CallRef RemoveCall(uint64_t call_id) = 0;
 
   // A call handle maps to its call; which application holds it and through
   // which line is recorded in the call's holders.
-  virtual uint64_t AddCallHandle(std::shared_ptr<Call> call) = 0;
-  virtual std::shared_ptr<Call> FindCallHandle(uint64_t call_handle) const = 0;
-  virtual std::shared_ptr<Call> RemoveCallHandle(uint64_t call_handle) = 0;
+  virtual uint64_t AddCallHandle(CallRef call) = 0;
+  virtual CallRef FindCallHandle(uint64_t call_handle) const = 0;
+  virtual CallRef RemoveCallHandle(uint64_t call_handle) = 0;
 
   // Approximate under concurrent writes.
   virtual StoreCounts Counts() const = 0;

@@ -7,9 +7,9 @@
 namespace callsession {
 namespace {
 
-template <typename T>
-std::shared_ptr<T> ValueOrNull(std::optional<std::shared_ptr<T>> value) {
-  return value.has_value() ? *std::move(value) : nullptr;
+template <typename Pointer>
+Pointer ValueOrNull(std::optional<Pointer> value) {
+  return value.has_value() ? *std::move(value) : Pointer();
 }
 
 class ShardedMemoryStore final : public SessionStore {
@@ -33,21 +33,19 @@ class ShardedMemoryStore final : public SessionStore {
     return ValueOrNull(lines_.Erase(handle));
   }
 
-  uint64_t AddCall(Maker<Call> make) override { return calls_.Insert(make); }
-  std::shared_ptr<Call> FindCall(uint64_t call_id) const override {
-    return ValueOrNull(calls_.Find(call_id));
+  uint64_t AddCall(absl::FunctionRef<CallRef(uint64_t)> make) override {
+    return calls_.Insert(make);
   }
-  std::shared_ptr<Call> RemoveCall(uint64_t call_id) override {
-    return ValueOrNull(calls_.Erase(call_id));
-  }
+  CallRef FindCall(uint64_t call_id) const override { return ValueOrNull(calls_.Find(call_id)); }
+  CallRef RemoveCall(uint64_t call_id) override { return ValueOrNull(calls_.Erase(call_id)); }
 
-  uint64_t AddCallHandle(std::shared_ptr<Call> call) override {
+  uint64_t AddCallHandle(CallRef call) override {
     return call_handles_.Insert([&](uint64_t) { return std::move(call); });
   }
-  std::shared_ptr<Call> FindCallHandle(uint64_t handle) const override {
+  CallRef FindCallHandle(uint64_t handle) const override {
     return ValueOrNull(call_handles_.Find(handle));
   }
-  std::shared_ptr<Call> RemoveCallHandle(uint64_t handle) override {
+  CallRef RemoveCallHandle(uint64_t handle) override {
     return ValueOrNull(call_handles_.Erase(handle));
   }
 
@@ -58,8 +56,8 @@ class ShardedMemoryStore final : public SessionStore {
  private:
   ShardedHandleTable<std::shared_ptr<App>> apps_;
   ShardedHandleTable<std::shared_ptr<Line>> lines_;
-  ShardedHandleTable<std::shared_ptr<Call>> calls_;
-  ShardedHandleTable<std::shared_ptr<Call>> call_handles_;
+  ShardedHandleTable<CallRef> calls_;
+  ShardedHandleTable<CallRef> call_handles_;
 };
 
 }  // namespace
