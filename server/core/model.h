@@ -127,8 +127,7 @@ class Holder {
   uint64_t handle;
   Line* line() const { return reinterpret_cast<Line*>(tagged_line_ & ~kOwnerBit); }
   v1::CallPrivilege privilege() const {
-    return (tagged_line_ & kOwnerBit) != 0 ? v1::CALL_PRIVILEGE_OWNER
-                                           : v1::CALL_PRIVILEGE_MONITOR;
+    return (tagged_line_ & kOwnerBit) != 0 ? v1::CALL_PRIVILEGE_OWNER : v1::CALL_PRIVILEGE_MONITOR;
   }
   App* app() const { return line()->app.get(); }
 
