@@ -135,16 +135,24 @@ struct Random {
   uint64_t x;
 };
 
+// Lookups of the first `working_set` live handles (all of them if 0).
 template <typename Table>
-void BM_Lookup(benchmark::State& state) {
+void LookupLoop(benchmark::State& state, size_t working_set, uint64_t seed) {
   Fill<Table>(state);
   Filled<Table>& f = Shared<Table>();
-  Random random(state.thread_index() + 1);
+  Random random(state.thread_index() + seed);
+  const size_t span = working_set == 0 ? f.handles.size() : std::min(working_set, f.handles.size());
   for (auto _ : state) {
-    benchmark::DoNotOptimize(f.table->Find(f.handles[random.Next() % f.handles.size()]));
+    benchmark::DoNotOptimize(f.table->Find(f.handles[random.Next() % span]));
   }
   state.SetItemsProcessed(state.iterations());
   Release<Table>(state);
+}
+
+// Uniformly random lookups over every live handle.
+template <typename Table>
+void BM_Lookup(benchmark::State& state) {
+  LookupLoop<Table>(state, 0, 1);
 }
 
 // Lookups of 1000 handles only, however many are live: with the working set
@@ -152,15 +160,7 @@ void BM_Lookup(benchmark::State& state) {
 // uniformly random lookup over 1e6 entries mostly measures).
 template <typename Table>
 void BM_LookupHot(benchmark::State& state) {
-  Fill<Table>(state);
-  Filled<Table>& f = Shared<Table>();
-  Random random(state.thread_index() + 3);
-  const size_t hot = std::min<size_t>(1000, f.handles.size());
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(f.table->Find(f.handles[random.Next() % hot]));
-  }
-  state.SetItemsProcessed(state.iterations());
-  Release<Table>(state);
+  LookupLoop<Table>(state, 1000, 3);
 }
 
 // Inserts in batches of 1000; the batch is erased (untimed) to keep the
