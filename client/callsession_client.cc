@@ -100,9 +100,10 @@ void PrepareContext(grpc::ClientContext* context, absl::Duration deadline,
 
 // ---------------------------------------------------------------------------
 
-EventStream::EventStream(v1::CallSessionService::Stub* stub, const std::string& token) {
+EventStream::EventStream(v1::CallSessionService::Stub* stub, const std::string& token,
+                         uint64_t from_sequence) {
   if (!token.empty()) context_.AddMetadata("authorization", absl::StrCat("Bearer ", token));
-  reader_ = std::thread([this, stub] { ReadLoop(stub); });
+  reader_ = std::thread([this, stub, from_sequence] { ReadLoop(stub, from_sequence); });
 }
 
 EventStream::~EventStream() {
@@ -112,9 +113,11 @@ EventStream::~EventStream() {
 
 void EventStream::Cancel() { context_.TryCancel(); }
 
-void EventStream::ReadLoop(v1::CallSessionService::Stub* stub) {
+void EventStream::ReadLoop(v1::CallSessionService::Stub* stub, uint64_t from_sequence) {
+  v1::WatchEventsRequest request;
+  request.set_from_sequence(from_sequence);
   std::unique_ptr<grpc::ClientReader<v1::WatchEventsResponse>> reader =
-      stub->WatchEvents(&context_, v1::WatchEventsRequest());
+      stub->WatchEvents(&context_, request);
   v1::WatchEventsResponse response;
   while (reader->Read(&response)) {
     absl::MutexLock lock(&mu_);
@@ -240,8 +243,40 @@ absl::StatusOr<std::vector<uint64_t>> CallSessionClient::GetNewCalls(uint64_t li
   return std::vector<uint64_t>(response->call_handles().begin(), response->call_handles().end());
 }
 
-std::unique_ptr<EventStream> CallSessionClient::WatchEvents() {
-  return std::make_unique<EventStream>(stub_.get(), token_);
+absl::StatusOr<v1::ListCallsResponse> CallSessionClient::ListCalls(absl::string_view page_token,
+                                                                   uint32_t page_size) {
+  v1::ListCallsRequest request;
+  request.set_page_token(std::string(page_token));
+  request.set_page_size(page_size);
+  return Invoke(*stub_, &v1::CallSessionService::Stub::ListCalls, request, options_.deadline,
+                token_);
+}
+
+absl::StatusOr<v1::ListCallsResponse> CallSessionClient::ListAllCalls() {
+  v1::ListCallsResponse all;
+  std::string page_token;
+  bool first = true;
+  do {
+    absl::StatusOr<v1::ListCallsResponse> page = ListCalls(page_token);
+    if (!page.ok()) return page.status();
+    if (first) all.set_resume_sequence(page->resume_sequence());
+    first = false;
+    for (v1::CallHandleEntry& entry : *page->mutable_calls()) {
+      *all.add_calls() = std::move(entry);
+    }
+    page_token = page->next_page_token();
+  } while (!page_token.empty());
+  return all;
+}
+
+absl::Status CallSessionClient::KeepAlive() {
+  return Invoke(*stub_, &v1::CallSessionService::Stub::KeepAlive, v1::KeepAliveRequest(),
+                options_.deadline, token_)
+      .status();
+}
+
+std::unique_ptr<EventStream> CallSessionClient::WatchEvents(uint64_t from_sequence) {
+  return std::make_unique<EventStream>(stub_.get(), token_, from_sequence);
 }
 
 // ---------------------------------------------------------------------------

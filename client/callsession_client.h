@@ -47,10 +47,13 @@ struct ClientOptions {
 };
 
 // The application's event stream. A thread reads the stream into a queue;
-// Next() takes from it. Destroying the stream cancels it.
+// Next() takes from it. Destroying the stream cancels it. To resume after a
+// broken stream without losing events, open a new one from the last
+// sequence seen plus one (see WatchEventsRequest.from_sequence).
 class EventStream {
  public:
-  EventStream(v1::CallSessionService::Stub* stub, const std::string& token);
+  EventStream(v1::CallSessionService::Stub* stub, const std::string& token,
+              uint64_t from_sequence = 0);
   ~EventStream();
   EventStream(const EventStream&) = delete;
   EventStream& operator=(const EventStream&) = delete;
@@ -64,7 +67,7 @@ class EventStream {
   void Cancel();
 
  private:
-  void ReadLoop(v1::CallSessionService::Stub* stub);
+  void ReadLoop(v1::CallSessionService::Stub* stub, uint64_t from_sequence);
 
   grpc::ClientContext context_;
   absl::Mutex mu_;
@@ -100,7 +103,13 @@ class CallSessionClient {
   absl::StatusOr<v1::CallStatus> GetCallStatus(uint64_t call_handle);
   absl::Status DeallocateCall(uint64_t call_handle);
   absl::StatusOr<std::vector<uint64_t>> GetNewCalls(uint64_t line_handle);
-  std::unique_ptr<EventStream> WatchEvents();
+  // One page of ListCalls; page_token from the previous page's response.
+  absl::StatusOr<v1::ListCallsResponse> ListCalls(absl::string_view page_token = "",
+                                                  uint32_t page_size = 0);
+  // Every page of ListCalls; resume_sequence is the first page's.
+  absl::StatusOr<v1::ListCallsResponse> ListAllCalls();
+  absl::Status KeepAlive();
+  std::unique_ptr<EventStream> WatchEvents(uint64_t from_sequence = 0);
 
   // The raw stub, for calls this class does not wrap.
   v1::CallSessionService::Stub& stub() { return *stub_; }

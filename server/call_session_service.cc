@@ -22,15 +22,15 @@ namespace {
 class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEventsResponse>,
                                  public EventSink {
  public:
-  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(CallSessionCore& core,
-                                                                  absl::string_view token) {
+  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
+      CallSessionCore& core, absl::string_view token, const v1::WatchEventsRequest& request) {
     auto reactor = std::make_shared<WatchEventsReactor>();
     {
       absl::MutexLock lock(&reactor->mu_);
       reactor->self_ = reactor;
     }
     absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
-        core.WatchEvents(token, reactor);
+        core.WatchEvents(token, request, reactor);
     if (!subscription.ok()) {
       reactor->End(ToGrpcStatus(subscription.status()));
     } else {
@@ -187,9 +187,21 @@ grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(grpc::CallbackServ
   return FinishUnary(context, core_.GetNewCalls(BearerToken(*context), *request, response));
 }
 
+grpc::ServerUnaryReactor* CallSessionGrpcService::ListCalls(grpc::CallbackServerContext* context,
+                                                            const v1::ListCallsRequest* request,
+                                                            v1::ListCallsResponse* response) {
+  return FinishUnary(context, core_.ListCalls(BearerToken(*context), *request, response));
+}
+
+grpc::ServerUnaryReactor* CallSessionGrpcService::KeepAlive(grpc::CallbackServerContext* context,
+                                                            const v1::KeepAliveRequest* request,
+                                                            v1::KeepAliveResponse* response) {
+  return FinishUnary(context, core_.KeepAlive(BearerToken(*context), *request, response));
+}
+
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
-  return WatchEventsReactor::Start(core_, BearerToken(*context));
+  return WatchEventsReactor::Start(core_, BearerToken(*context), *request);
 }
 
 }  // namespace callsession

@@ -47,6 +47,12 @@ class CallSessionGrpcService final : public v1::CallSessionService::CallbackServ
   grpc::ServerUnaryReactor* GetNewCalls(grpc::CallbackServerContext* context,
                                         const v1::GetNewCallsRequest* request,
                                         v1::GetNewCallsResponse* response) override;
+  grpc::ServerUnaryReactor* ListCalls(grpc::CallbackServerContext* context,
+                                      const v1::ListCallsRequest* request,
+                                      v1::ListCallsResponse* response) override;
+  grpc::ServerUnaryReactor* KeepAlive(grpc::CallbackServerContext* context,
+                                      const v1::KeepAliveRequest* request,
+                                      v1::KeepAliveResponse* response) override;
   grpc::ServerWriteReactor<v1::WatchEventsResponse>* WatchEvents(
       grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) override;
 

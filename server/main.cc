@@ -24,9 +24,19 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "HOST:PORT to serve gRPC on; port 0 picks a free port");
 ABSL_FLAG(uint32_t, devices, 16, "number of line devices (ids 0..N-1)");
 ABSL_FLAG(int32_t, shards, 64, "shards per handle table, a power of two");
-ABSL_FLAG(uint64_t, event_queue_limit, 10000,
-          "undelivered events kept per application; past it the oldest are discarded");
+ABSL_FLAG(uint64_t, event_buffer, 4096,
+          "events kept per application for delivery and WatchEvents replay; a consumer further "
+          "behind loses the oldest and is told so (EventsLostEvent)");
 ABSL_FLAG(uint64_t, request_id_cache, 1024, "MakeCall request_ids remembered per application");
+ABSL_FLAG(absl::Duration, request_id_ttl, absl::Minutes(10),
+          "how long a MakeCall request_id is remembered");
+ABSL_FLAG(absl::Duration, app_ttl, absl::Seconds(60),
+          "shut down an application with no event stream open and no RPC for this long; "
+          "0 never");
+ABSL_FLAG(uint64_t, max_apps, 1000, "registered applications at most; 0 no limit");
+ABSL_FLAG(uint64_t, max_lines_per_app, 1000, "open lines per application at most; 0 no limit");
+ABSL_FLAG(uint64_t, max_call_handles_per_app, 100000,
+          "call handles per application at most; 0 no limit");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT to serve Prometheus /metrics on; empty turns metrics off");
 ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection (grpcurl, ghz, buf curl)");
@@ -60,8 +70,13 @@ namespace {
 constexpr const char* kFlagsFromEnvironment[] = {"listen",
                                                  "devices",
                                                  "shards",
-                                                 "event_queue_limit",
+                                                 "event_buffer",
                                                  "request_id_cache",
+                                                 "request_id_ttl",
+                                                 "app_ttl",
+                                                 "max_apps",
+                                                 "max_lines_per_app",
+                                                 "max_call_handles_per_app",
                                                  "metrics_listen",
                                                  "reflection",
                                                  "log_level",
@@ -147,8 +162,13 @@ int main(int argc, char** argv) {
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.core.num_devices = absl::GetFlag(FLAGS_devices);
   options.core.shards = absl::GetFlag(FLAGS_shards);
-  options.core.event_queue_limit = absl::GetFlag(FLAGS_event_queue_limit);
+  options.core.event_buffer = absl::GetFlag(FLAGS_event_buffer);
   options.core.request_id_cache = absl::GetFlag(FLAGS_request_id_cache);
+  options.core.request_id_ttl = absl::GetFlag(FLAGS_request_id_ttl);
+  options.core.app_ttl = absl::GetFlag(FLAGS_app_ttl);
+  options.core.max_apps = absl::GetFlag(FLAGS_max_apps);
+  options.core.max_lines_per_app = absl::GetFlag(FLAGS_max_lines_per_app);
+  options.core.max_call_handles_per_app = absl::GetFlag(FLAGS_max_call_handles_per_app);
   if (const char* token = std::getenv("CALLSESSION_PROVIDER_TOKEN")) {
     options.core.provider_token = token;
   }
@@ -178,6 +198,7 @@ int main(int argc, char** argv) {
                     {"mutual_tls", !options.tls.client_ca_file.empty()},
                     {"devices", options.core.num_devices},
                     {"shards", options.core.shards},
+                    {"app_ttl_seconds", absl::ToDoubleSeconds(options.core.app_ttl)},
                     {"provider_service", !options.core.provider_token.empty()}});
 
   int signal_number = 0;

@@ -163,7 +163,21 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
        {v1::CallSessionService::service_full_name(), v1::ProviderService::service_full_name()}) {
     health->SetServingStatus(service, true);
   }
+  const absl::Duration app_ttl = server->core_->options().app_ttl;
+  if (app_ttl > absl::ZeroDuration()) {
+    // An app outlives its lease by at most a quarter of it (and a second).
+    const absl::Duration period =
+        std::max(absl::Milliseconds(10), std::min(app_ttl / 4, absl::Seconds(1)));
+    CallSessionServer* raw = server.get();
+    server->lease_thread_ = std::thread([raw, period] { raw->EnforceLeases(period); });
+  }
   return server;
+}
+
+void CallSessionServer::EnforceLeases(absl::Duration period) {
+  while (!stop_leases_.WaitForNotificationWithTimeout(period)) {
+    core_->ExpireIdleApps();
+  }
 }
 
 CallSessionServer::~CallSessionServer() {
@@ -172,6 +186,9 @@ CallSessionServer::~CallSessionServer() {
 
 void CallSessionServer::Shutdown(absl::Duration grace) {
   shut_down_ = true;
+  // Clients cannot renew leases while the server drains.
+  stop_leases_.Notify();
+  if (lease_thread_.joinable()) lease_thread_.join();
   server_->GetHealthCheckService()->SetServingStatus(false);  // every service
   Log(LogLevel::kInfo, "health_not_serving");
   core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));

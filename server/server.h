@@ -7,8 +7,10 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
 #include "server/call_session_service.h"
@@ -73,7 +75,8 @@ class CallSessionServer {
   // The metrics port, 0 if metrics are off.
   int metrics_port() const { return metrics_ != nullptr ? metrics_->port() : 0; }
 
-  // Health goes NOT_SERVING; every WatchEvents stream ends with UNAVAILABLE;
+  // Leases stop being enforced; health goes NOT_SERVING; every WatchEvents
+  // stream ends with UNAVAILABLE;
   // new RPCs are refused; in-flight ones may finish for up to `grace`, then
   // the rest are cancelled. Returns when all are done.
   void Shutdown(absl::Duration grace);
@@ -85,6 +88,9 @@ class CallSessionServer {
  private:
   CallSessionServer() = default;
 
+  // Runs CallSessionCore::ExpireIdleApps every `period` until stop_leases_.
+  void EnforceLeases(absl::Duration period);
+
   // Declared first, destroyed last: the server refers to all of these.
   std::unique_ptr<CallSessionCore> core_;
   std::unique_ptr<ServerMetrics> metrics_;
@@ -94,6 +100,8 @@ class CallSessionServer {
   int port_ = 0;
   std::string address_;
   bool shut_down_ = false;
+  absl::Notification stop_leases_;
+  std::thread lease_thread_;  // runs EnforceLeases when leases are on
 };
 
 }  // namespace callsession

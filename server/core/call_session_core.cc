@@ -7,6 +7,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
+#include "google/protobuf/duration.pb.h"
 #include "google/protobuf/timestamp.pb.h"
 #include "server/core/handle_table.h"
 #include "server/core/log.h"
@@ -117,6 +119,12 @@ void SetTimestamp(int64_t nanos, google::protobuf::Timestamp* out) {
   out->set_nanos(static_cast<int32_t>(rest));
 }
 
+void SetDuration(absl::Duration duration, google::protobuf::Duration* out) {
+  const int64_t nanos = absl::ToInt64Nanoseconds(duration);
+  out->set_seconds(nanos / 1000000000);
+  out->set_nanos(static_cast<int32_t>(nanos % 1000000000));
+}
+
 // The holder of `handle` if `app` holds it, else nullptr.
 Holder* FindHolderLocked(Call& call, uint64_t handle, const App* app)
     ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
@@ -155,8 +163,14 @@ absl::Status ValidateCoreOptions(const CoreOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("shards must be a power of two between 1 and 65536, got ", options.shards));
   }
-  if (options.event_queue_limit < 1) {
-    return absl::InvalidArgumentError("event_queue_limit must be at least 1");
+  if (options.event_buffer < 1) {
+    return absl::InvalidArgumentError("event_buffer must be at least 1");
+  }
+  if (options.request_id_ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("request_id_ttl must not be negative");
+  }
+  if (options.app_ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("app_ttl must not be negative");
   }
   if (options.clock == nullptr) {
     return absl::InvalidArgumentError("clock must be set");
@@ -177,6 +191,9 @@ EventSubscription::~EventSubscription() {
     core_->subscriptions_.erase(this);
   }
   app_->events.Detach(sink_.get());
+  // The lease runs from the moment the stream ends.
+  app_->last_activity_ns.store(absl::ToUnixNanos(core_->options_.clock->Now()),
+                               std::memory_order_relaxed);
 }
 
 bool EventSubscription::Next(v1::Event* event) { return app_->events.Next(sink_.get(), event); }
@@ -208,6 +225,10 @@ absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(absl::string_
   std::shared_ptr<App> app = store_->FindApp(handle);
   if (app == nullptr || !ConstantTimeEquals(app->secret.data(), secret.data(), secret.size())) {
     return Unauthenticated("unknown app token");
+  }
+  if (options_.app_ttl > absl::ZeroDuration()) {
+    app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()),
+                                std::memory_order_relaxed);
   }
   return app;
 }
@@ -268,6 +289,7 @@ uint64_t CallSessionCore::AddHolderLocked(const CallRef& call, Line& line,
 }
 
 void CallSessionCore::RemoveHolderLocked(Call& call, size_t index) {
+  ReleaseCallHandles(*call.holders[index].app(), 1);
   store_->RemoveCallHandle(call.holders[index].handle);
   call.holders.erase(call.holders.begin() + index);
   call_handles_voided_.fetch_add(1, std::memory_order_relaxed);
@@ -295,6 +317,61 @@ void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder,
   new_call->set_call_privilege(holder.privilege());
   new_call->set_call_id(call.id);
   events.Push(holder.app()->events, std::move(event));
+}
+
+void CallSessionCore::AddMonitorsLocked(const CallRef& call, Device& device,
+                                        EventPublisher& events) {
+  for (const auto& [order, monitor_line] : device.monitor_lines) {
+    App& app = *monitor_line->app;
+    if (HoldsLocked(*call, &app) || !ReserveCallHandles(app, 1)) continue;
+    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
+    PushNewCallLocked(*call, call->holders.back(), events);
+  }
+}
+
+bool CallSessionCore::ReserveCallHandles(App& app, uint64_t count) {
+  const size_t limit = options_.max_call_handles_per_app;
+  uint64_t held = app.call_handle_count.load(std::memory_order_relaxed);
+  do {
+    if (limit != 0 && held + count > limit) return false;
+  } while (!app.call_handle_count.compare_exchange_weak(held, held + count,
+                                                        std::memory_order_relaxed));
+  return true;
+}
+
+void CallSessionCore::ReleaseCallHandles(App& app, uint64_t count) {
+  app.call_handle_count.fetch_sub(count, std::memory_order_relaxed);
+}
+
+absl::Status CallSessionCore::QuotaExceeded(absl::string_view what) {
+  quota_rejections_.fetch_add(1, std::memory_order_relaxed);
+  return TapiError(TapiErrorCode::kResourceUnavail, what);
+}
+
+void CallSessionCore::FillCallInfoLocked(const Call& call, const Holder& holder,
+                                         v1::CallInfo* info) const {
+  info->set_line_handle(holder.line()->handle);
+  info->set_line_device_id(call.device_id);
+  info->set_call_id(call.id);
+  info->set_origin(call.origin());
+  const absl::string_view caller = call.caller_id();
+  const absl::string_view called = call.called_id();
+  info->set_caller_id(caller.data(), caller.size());
+  info->set_called_id(called.data(), called.size());
+  if (call.connected) {
+    const absl::string_view connected = call.origin() == v1::CALL_ORIGIN_OUTBOUND ? called : caller;
+    info->set_connected_id(connected.data(), connected.size());
+  }
+  info->set_num_owners(CountLocked(call, v1::CALL_PRIVILEGE_OWNER));
+  info->set_num_monitors(CountLocked(call, v1::CALL_PRIVILEGE_MONITOR));
+  SetTimestamp(call.create_time_ns(), info->mutable_create_time());
+}
+
+void CallSessionCore::FillCallStatusLocked(const Call& call, const Holder& holder,
+                                           v1::CallStatus* status) const {
+  status->set_call_state(call.state);
+  status->set_call_privilege(holder.privilege());
+  SetTimestamp(call.state_entry_time_ns, status->mutable_state_entry_time());
 }
 
 bool CallSessionCore::MarkFreedIfDoneLocked(Call& call) {
@@ -381,9 +458,22 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
         absl::StrCat("app_name must be at most ", kMaxAppNameBytes, " printable ASCII bytes"));
   }
   CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
-  const uint64_t handle = store_->AddApp([&](uint64_t handle) {
-    return std::make_shared<App>(handle, name, secret, options_.event_queue_limit);
-  });
+  uint64_t handle = 0;
+  {
+    absl::MutexLock lock(&apps_mu_);
+    if (options_.max_apps != 0 && apps_.size() >= options_.max_apps) {
+      return QuotaExceeded(absl::StrCat("the server has its maximum of ", options_.max_apps,
+                                        " applications (--max_apps)"));
+    }
+    std::shared_ptr<App> app;
+    handle = store_->AddApp([&](uint64_t handle) {
+      app = std::make_shared<App>(handle, name, secret, options_.event_buffer);
+      app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()),
+                                  std::memory_order_relaxed);
+      return app;
+    });
+    apps_.emplace(handle, std::move(app));
+  }
   uint8_t handle_bytes[8];
   for (int i = 0; i < 8; ++i) handle_bytes[i] = static_cast<uint8_t>(handle >> (56 - 8 * i));
   std::string token;
@@ -394,6 +484,7 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
   response->set_app_handle(handle);
   response->set_app_token(std::move(token));
   response->set_num_devices(options_.num_devices);
+  SetDuration(options_.app_ttl, response->mutable_app_ttl());
   Log(LogLevel::kInfo, "app_initialized", {{"app_handle", handle}, {"app_name", name}});
   return absl::OkStatus();
 }
@@ -401,17 +492,34 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
 absl::Status CallSessionCore::Shutdown(absl::string_view token, const v1::ShutdownRequest& request,
                                        v1::ShutdownResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  if (!ShutdownApp(app, false, "shutdown")) return Unauthenticated("unknown app token");
+  return absl::OkStatus();
+}
+
+bool CallSessionCore::LeaseExpiredLocked(const App& app, absl::Time now) const {
+  if (options_.app_ttl <= absl::ZeroDuration() || app.events.has_consumer()) return false;
+  const absl::Time last = absl::FromUnixNanos(app.last_activity_ns.load(std::memory_order_relaxed));
+  return now - last >= options_.app_ttl;
+}
+
+bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_expired,
+                                  absl::string_view why) {
   std::shared_ptr<EventSink> sink;
   {
     EventPublisher events;
     std::vector<uint64_t> line_handles;
     {
       absl::MutexLock lock(&app->mu);
-      if (app->shut_down) return Unauthenticated("unknown app token");
+      if (app->shut_down) return false;
+      if (only_if_expired && !LeaseExpiredLocked(*app, options_.clock->Now())) return false;
       app->shut_down = true;
       line_handles.assign(app->line_handles.begin(), app->line_handles.end());
     }
     store_->RemoveApp(app->handle);
+    {
+      absl::MutexLock lock(&apps_mu_);
+      apps_.erase(app->handle);
+    }
     for (uint64_t line_handle : line_handles) {
       if (std::shared_ptr<Line> line = store_->FindLine(line_handle)) {
         CloseLine(*line, events);
@@ -420,8 +528,29 @@ absl::Status CallSessionCore::Shutdown(absl::string_view token, const v1::Shutdo
     sink = app->events.Close();
   }
   if (sink != nullptr) sink->OnSubscriptionEnded(absl::OkStatus());
-  Log(LogLevel::kInfo, "app_shut_down", {{"app_handle", app->handle}});
-  return absl::OkStatus();
+  Log(LogLevel::kInfo, "app_shut_down",
+      {{"app_handle", app->handle}, {"app_name", app->name}, {"reason", why}});
+  return true;
+}
+
+size_t CallSessionCore::ExpireIdleApps() {
+  if (options_.app_ttl <= absl::ZeroDuration()) return 0;
+  const int64_t deadline_ns = absl::ToUnixNanos(options_.clock->Now() - options_.app_ttl);
+  std::vector<std::shared_ptr<App>> candidates;
+  {
+    absl::MutexLock lock(&apps_mu_);
+    for (const auto& [handle, app] : apps_) {
+      if (app->last_activity_ns.load(std::memory_order_relaxed) <= deadline_ns) {
+        candidates.push_back(app);
+      }
+    }
+  }
+  size_t expired = 0;
+  for (const std::shared_ptr<App>& app : candidates) {
+    if (ShutdownApp(app, true, "lease_expired")) ++expired;
+  }
+  apps_expired_.fetch_add(expired, std::memory_order_relaxed);
+  return expired;
 }
 
 absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOpenRequest& request,
@@ -458,6 +587,13 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
       if (app->shut_down) {
         store_->RemoveLine(handle);
         return Unauthenticated("unknown app token");
+      }
+      if (options_.max_lines_per_app != 0 &&
+          app->line_handles.size() >= options_.max_lines_per_app) {
+        store_->RemoveLine(handle);
+        return QuotaExceeded(absl::StrCat("the application has its maximum of ",
+                                          options_.max_lines_per_app,
+                                          " lines open (--max_lines_per_app)"));
       }
       app->line_handles.insert(handle);
     }
@@ -505,6 +641,14 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCa
   // Held across the call's creation, so that concurrent retries of one
   // request_id create one call.
   absl::MutexLock lock(&app->request_mu);
+  // Keys are in answer order, so the expired ones are at the front.
+  const absl::Time now = options_.clock->Now();
+  while (!app->request_order.empty()) {
+    auto oldest = app->recent_requests.find(app->request_order.front());
+    if (now - oldest->second.answered < options_.request_id_ttl) break;
+    app->recent_requests.erase(oldest);
+    app->request_order.pop_front();
+  }
   auto seen = app->recent_requests.find(request_id);
   if (seen != app->recent_requests.end()) {
     const IdempotentMakeCall& first = seen->second;
@@ -519,9 +663,9 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCa
   }
   CS_RETURN_IF_ERROR(
       PlaceOutboundCall(*app, request.line_handle(), request.dest_address(), response, events));
-  app->recent_requests.emplace(request_id,
-                               IdempotentMakeCall{request.line_handle(), request.dest_address(),
-                                                  response->call_handle(), response->call_id()});
+  app->recent_requests.emplace(
+      request_id, IdempotentMakeCall{request.line_handle(), request.dest_address(),
+                                     response->call_handle(), response->call_id(), now});
   app->request_order.push_back(request_id);
   if (app->request_order.size() > options_.request_id_cache) {
     app->recent_requests.erase(app->request_order.front());
@@ -538,9 +682,17 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(app, line_handle));
   Device& device = *line->device;
 
+  if (!ReserveCallHandles(app, 1)) {
+    return QuotaExceeded(absl::StrCat("the application holds its maximum of ",
+                                      options_.max_call_handles_per_app,
+                                      " call handles (--max_call_handles_per_app)"));
+  }
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
-  if (!line->open) return InvalidLineHandle();
+  if (!line->open) {
+    ReleaseCallHandles(app, 1);
+    return InvalidLineHandle();
+  }
   CallRef call;
   const uint64_t call_id = store_->AddCall([&](uint64_t id) {
     call = CallRef::Make(id, device.id, v1::CALL_ORIGIN_OUTBOUND, "", dest_address,
@@ -552,11 +704,7 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
 
   absl::MutexLock call_lock(&call->mu);
   const uint64_t call_handle = AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER);
-  for (const auto& [order, monitor_line] : device.monitor_lines) {
-    if (HoldsLocked(*call, monitor_line->app.get())) continue;
-    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
-    PushNewCallLocked(*call, call->holders.back(), events);
-  }
+  AddMonitorsLocked(call, device, events);
   SetStateLocked(*call, v1::CALL_STATE_DIALING, events);
 
   response->set_call_handle(call_handle);
@@ -609,23 +757,7 @@ absl::Status CallSessionCore::GetCallInfo(absl::string_view token,
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
-  v1::CallInfo* info = response->mutable_info();
-  info->set_line_handle(holder->line()->handle);
-  info->set_line_device_id(call->device_id);
-  info->set_call_id(call->id);
-  info->set_origin(call->origin());
-  const absl::string_view caller = call->caller_id();
-  const absl::string_view called = call->called_id();
-  info->set_caller_id(caller.data(), caller.size());
-  info->set_called_id(called.data(), called.size());
-  if (call->connected) {
-    const absl::string_view connected =
-        call->origin() == v1::CALL_ORIGIN_OUTBOUND ? called : caller;
-    info->set_connected_id(connected.data(), connected.size());
-  }
-  info->set_num_owners(CountLocked(*call, v1::CALL_PRIVILEGE_OWNER));
-  info->set_num_monitors(CountLocked(*call, v1::CALL_PRIVILEGE_MONITOR));
-  SetTimestamp(call->create_time_ns(), info->mutable_create_time());
+  FillCallInfoLocked(*call, *holder, response->mutable_info());
   return absl::OkStatus();
 }
 
@@ -637,10 +769,7 @@ absl::Status CallSessionCore::GetCallStatus(absl::string_view token,
   absl::ReaderMutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
   if (holder == nullptr) return InvalidCallHandle();
-  v1::CallStatus* status = response->mutable_status();
-  status->set_call_state(call->state);
-  status->set_call_privilege(holder->privilege());
-  SetTimestamp(call->state_entry_time_ns, status->mutable_state_entry_time());
+  FillCallStatusLocked(*call, *holder, response->mutable_status());
   return absl::OkStatus();
 }
 
@@ -682,24 +811,109 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
+  // Two passes, so that a request past the quota issues nothing. Calls are
+  // only added under the device lock, which is held throughout; a call can
+  // only leave the candidates (go IDLE, or gain a handle of this app through
+  // a concurrent GetNewCalls on another of its lines) in between.
+  std::vector<CallRef> candidates;
   for (const Call* listed : device.calls) {
     // Every call in device.calls is still in the store: FreeCall removes
     // it from the device before the store.
     CallRef call = store_->FindCall(listed->id);
     if (call == nullptr) continue;
+    absl::ReaderMutexLock call_lock(&call->mu);
+    if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
+      continue;
+    }
+    candidates.push_back(std::move(call));
+  }
+  if (!ReserveCallHandles(*app, candidates.size())) {
+    return QuotaExceeded(absl::StrCat(candidates.size(),
+                                      " new call handles would take the application past its "
+                                      "maximum of ",
+                                      options_.max_call_handles_per_app,
+                                      " (--max_call_handles_per_app)"));
+  }
+  size_t issued = 0;
+  for (const CallRef& call : candidates) {
     absl::MutexLock call_lock(&call->mu);
     if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
       continue;
     }
     response->add_call_handles(AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR));
+    ++issued;
   }
+  ReleaseCallHandles(*app, candidates.size() - issued);
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::ListCalls(absl::string_view token,
+                                        const v1::ListCallsRequest& request,
+                                        v1::ListCallsResponse* response) {
+  constexpr uint32_t kDefaultPageSize = 1000;
+  constexpr uint32_t kMaxPageSize = 10000;
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  uint64_t after = 0;
+  if (!request.page_token().empty() &&
+      (!absl::SimpleAtoi(request.page_token(), &after) || after == 0)) {
+    return TapiError(TapiErrorCode::kInvalParam, "page_token is not one ListCalls returned");
+  }
+  const size_t page_size = request.page_size() == 0
+                               ? kDefaultPageSize
+                               : std::min<uint32_t>(request.page_size(), kMaxPageSize);
+  // Read before the calls: every change that raised an earlier event is
+  // already visible to the reads below.
+  response->set_resume_sequence(app->events.next_sequence());
+
+  std::vector<uint64_t> line_handles;
+  {
+    absl::MutexLock lock(&app->mu);
+    line_handles.assign(app->line_handles.begin(), app->line_handles.end());
+  }
+  std::vector<uint64_t> handles;
+  for (uint64_t line_handle : line_handles) {
+    std::shared_ptr<Line> line = store_->FindLine(line_handle);
+    if (line == nullptr) continue;
+    absl::MutexLock lock(&line->mu);
+    for (uint64_t handle : line->call_handles) {
+      if (handle > after) handles.push_back(handle);
+    }
+  }
+  const bool more = handles.size() > page_size;
+  if (more) {
+    std::nth_element(handles.begin(), handles.begin() + page_size, handles.end());
+    handles.resize(page_size);
+  }
+  std::sort(handles.begin(), handles.end());
+  for (uint64_t handle : handles) {
+    CallRef call = store_->FindCallHandle(handle);
+    if (call == nullptr) continue;  // voided meanwhile
+    absl::ReaderMutexLock lock(&call->mu);
+    const Holder* holder = FindHolderLocked(*call, handle, app.get());
+    if (holder == nullptr) continue;
+    v1::CallHandleEntry* entry = response->add_calls();
+    entry->set_call_handle(handle);
+    FillCallInfoLocked(*call, *holder, entry->mutable_info());
+    FillCallStatusLocked(*call, *holder, entry->mutable_status());
+  }
+  if (more) response->set_next_page_token(absl::StrCat(handles.back()));
+  return absl::OkStatus();
+}
+
+absl::Status CallSessionCore::KeepAlive(absl::string_view token,
+                                        const v1::KeepAliveRequest& request,
+                                        v1::KeepAliveResponse* response) {
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
+  SetDuration(options_.app_ttl, response->mutable_app_ttl());
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<EventSubscription>> CallSessionCore::WatchEvents(
-    absl::string_view token, std::shared_ptr<EventSink> sink) {
+    absl::string_view token, const v1::WatchEventsRequest& request,
+    std::shared_ptr<EventSink> sink) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  std::shared_ptr<EventSink> previous = app->events.Attach(sink);
+  CS_ASSIGN_OR_RETURN(std::shared_ptr<EventSink> previous,
+                      app->events.Attach(sink, request.from_sequence()));
   if (previous == sink) return Unauthenticated("unknown app token");
   if (previous != nullptr) {
     previous->OnSubscriptionEnded(
@@ -745,15 +959,14 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   calls_created_.fetch_add(1, std::memory_order_relaxed);
 
   absl::MutexLock call_lock(&call->mu);
-  if (!device->owner_lines.empty()) {
-    AddHolderLocked(call, *device->owner_lines.begin()->second, v1::CALL_PRIVILEGE_OWNER);
+  // The earliest OWNER line whose app has room for another handle.
+  for (const auto& [order, owner_line] : device->owner_lines) {
+    if (!ReserveCallHandles(*owner_line->app, 1)) continue;
+    AddHolderLocked(call, *owner_line, v1::CALL_PRIVILEGE_OWNER);
     PushNewCallLocked(*call, call->holders.back(), events);
+    break;
   }
-  for (const auto& [order, monitor_line] : device->monitor_lines) {
-    if (HoldsLocked(*call, monitor_line->app.get())) continue;
-    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
-    PushNewCallLocked(*call, call->holders.back(), events);
-  }
+  AddMonitorsLocked(call, *device, events);
   SetStateLocked(*call, v1::CALL_STATE_OFFERING, events);
   response->set_call_id(call_id);
   return absl::OkStatus();
@@ -833,6 +1046,8 @@ CoreStats CallSessionCore::Stats() const {
   stats.calls_dropped_by_line_close = calls_dropped_by_line_close_.load(std::memory_order_relaxed);
   stats.forced_line_closes = forced_line_closes_.load(std::memory_order_relaxed);
   stats.call_handles_deallocated = call_handles_deallocated_.load(std::memory_order_relaxed);
+  stats.apps_expired = apps_expired_.load(std::memory_order_relaxed);
+  stats.quota_rejections = quota_rejections_.load(std::memory_order_relaxed);
   return stats;
 }
 

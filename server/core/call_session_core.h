@@ -19,11 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "callsession/v1/call_session_service.pb.h"
 #include "callsession/v1/provider_service.pb.h"
 #include "server/core/clock.h"
@@ -41,10 +43,20 @@ struct CoreOptions {
   // The token the provider service requires; empty refuses every provider
   // call.
   std::string provider_token;
-  // Undelivered events kept per application (see EventQueue).
-  size_t event_queue_limit = 10000;
-  // MakeCall request_ids remembered per application (oldest forgotten first).
+  // Events buffered per application for delivery and replay (see
+  // EventQueue).
+  size_t event_buffer = 4096;
+  // MakeCall request_ids remembered per application: at most this many
+  // (oldest forgotten first), each for at most request_id_ttl.
   size_t request_id_cache = 1024;
+  absl::Duration request_id_ttl = absl::Minutes(10);
+  // An application with no event stream open and no RPC for this long is
+  // shut down by ExpireIdleApps; zero turns leases off.
+  absl::Duration app_ttl = absl::ZeroDuration();
+  // Quotas; 0 means no limit.
+  size_t max_apps = 0;
+  size_t max_lines_per_app = 0;
+  size_t max_call_handles_per_app = 0;
   // Not owned; must outlive the core.
   const Clock* clock = &RealClock();
 };
@@ -63,6 +75,8 @@ struct CoreStats {
   uint64_t call_handles_deallocated = 0;  // by DeallocateCall
   uint64_t calls_dropped_by_line_close = 0;
   uint64_t forced_line_closes = 0;
+  uint64_t apps_expired = 0;       // shut down by ExpireIdleApps
+  uint64_t quota_rejections = 0;   // requests refused by a quota
 };
 
 class CallSessionCore;
@@ -122,12 +136,25 @@ class CallSessionCore {
                               v1::DeallocateCallResponse* response);
   absl::Status GetNewCalls(absl::string_view token, const v1::GetNewCallsRequest& request,
                            v1::GetNewCallsResponse* response);
+  absl::Status ListCalls(absl::string_view token, const v1::ListCallsRequest& request,
+                         v1::ListCallsResponse* response);
+  absl::Status KeepAlive(absl::string_view token, const v1::KeepAliveRequest& request,
+                         v1::KeepAliveResponse* response);
 
-  // Makes `sink` the consumer of the application's events, ending any
-  // previous consumer with ABORTED. Events come through the returned
-  // subscription; the sink is told when to pull (see EventSink).
-  absl::StatusOr<std::unique_ptr<EventSubscription>> WatchEvents(absl::string_view token,
-                                                                 std::shared_ptr<EventSink> sink);
+  // Makes `sink` the consumer of the application's events from
+  // request.from_sequence() on, ending any previous consumer with ABORTED.
+  // Events come through the returned subscription; the sink is told when to
+  // pull (see EventSink). While the subscription lives the application's
+  // lease does not run out.
+  absl::StatusOr<std::unique_ptr<EventSubscription>> WatchEvents(
+      absl::string_view token, const v1::WatchEventsRequest& request,
+      std::shared_ptr<EventSink> sink);
+
+  // Shuts down, exactly as Shutdown would, every application whose lease
+  // ran out: no event stream open and no RPC for options.app_ttl. Returns
+  // how many. Does nothing when leases are off. Called periodically by the
+  // server (any thread); tests call it after advancing their clock.
+  size_t ExpireIdleApps();
 
   // ProviderService. `provider_token` is the bearer token the request
   // carried.
@@ -145,9 +172,20 @@ class CallSessionCore {
 
   CoreStats Stats() const;
   uint32_t num_devices() const { return options_.num_devices; }
+  const CoreOptions& options() const { return options_; }
 
  private:
+  // The token's app; renews its lease.
   absl::StatusOr<std::shared_ptr<App>> Authenticate(absl::string_view token) const;
+  // Shutdown's work. With `only_if_expired`, does nothing unless the app's
+  // lease has run out (checked under its lock). False if nothing was done.
+  bool ShutdownApp(const std::shared_ptr<App>& app, bool only_if_expired, absl::string_view why);
+  bool LeaseExpiredLocked(const App& app, absl::Time now) const ABSL_SHARED_LOCKS_REQUIRED(app.mu);
+  // Reserves `count` call handles of the app's quota; false (nothing
+  // reserved) if that would pass it.
+  bool ReserveCallHandles(App& app, uint64_t count);
+  void ReleaseCallHandles(App& app, uint64_t count);
+  absl::Status QuotaExceeded(absl::string_view what);
   absl::Status AuthenticateProvider(absl::string_view token) const;
   absl::StatusOr<Device*> FindDevice(uint32_t device_id) const;
   // The app's open line, or NOT_FOUND (LINEERR_INVALLINEHANDLE).
@@ -169,7 +207,8 @@ class CallSessionCore {
   // Voids each handle, dropping calls their app owned alone.
   void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles, EventPublisher& events);
 
-  // Issues a handle to `call` for line.app through `line`.
+  // Issues a handle to `call` for line.app through `line`; one handle of
+  // line.app's quota must be reserved.
   uint64_t AddHolderLocked(const CallRef& call, Line& line, v1::CallPrivilege privilege)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
   // Removes holders[index] and its handle from the store (not from its
@@ -178,6 +217,15 @@ class CallSessionCore {
   void SetStateLocked(Call& call, v1::CallState state, EventPublisher& events)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
   void PushNewCallLocked(const Call& call, const Holder& holder, EventPublisher& events)
+      ABSL_SHARED_LOCKS_REQUIRED(call.mu);
+  // Gives every MONITOR line's app a monitor handle to a new call, unless it
+  // holds one already or is at its quota.
+  void AddMonitorsLocked(const CallRef& call, Device& device, EventPublisher& events)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(device.mu, call->mu);
+  // What GetCallInfo and GetCallStatus return for `holder`.
+  void FillCallInfoLocked(const Call& call, const Holder& holder, v1::CallInfo* info) const
+      ABSL_SHARED_LOCKS_REQUIRED(call.mu);
+  void FillCallStatusLocked(const Call& call, const Holder& holder, v1::CallStatus* status) const
       ABSL_SHARED_LOCKS_REQUIRED(call.mu);
   // Marks the call freed if it is IDLE with no holder; true if this call did.
   bool MarkFreedIfDoneLocked(Call& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
@@ -196,6 +244,11 @@ class CallSessionCore {
   mutable absl::Mutex subscriptions_mu_;
   absl::flat_hash_set<EventSubscription*> subscriptions_ ABSL_GUARDED_BY(subscriptions_mu_);
 
+  // Every registered app, for leases and the app quota. Touched only on
+  // Initialize, shutdown and the lease scan. A leaf lock.
+  mutable absl::Mutex apps_mu_;
+  absl::flat_hash_map<uint64_t, std::shared_ptr<App>> apps_ ABSL_GUARDED_BY(apps_mu_);
+
   std::atomic<uint64_t> calls_created_{0};
   std::atomic<uint64_t> calls_freed_{0};
   std::atomic<uint64_t> call_handles_created_{0};
@@ -203,6 +256,8 @@ class CallSessionCore {
   std::atomic<uint64_t> calls_dropped_by_line_close_{0};
   std::atomic<uint64_t> forced_line_closes_{0};
   std::atomic<uint64_t> call_handles_deallocated_{0};
+  std::atomic<uint64_t> apps_expired_{0};
+  std::atomic<uint64_t> quota_rejections_{0};
 };
 
 }  // namespace callsession

@@ -6,7 +6,8 @@
 //   2. Device::mu          a device's lines and calls; Line::open
 //   3. Call::mu            a call's state and holders
 //   4. Line::mu            a line's set of call handles
-//   5. leaves              App::mu, store shards, EventQueue
+//   5. App::mu
+//   6. leaves              store shards, EventQueue, the core's app registry
 // Nothing blocks or does I/O under any of them: events are pushed to queues
 // (a leaf) and sinks are woken after every lock is released.
 //
@@ -48,6 +49,7 @@ struct IdempotentMakeCall {
   std::string dest_address;
   uint64_t call_handle;
   uint64_t call_id;
+  absl::Time answered;
 };
 
 // A registered application.
@@ -63,8 +65,16 @@ struct App {
 
   EventQueue events;
 
+  // When the app last made an RPC or closed its event stream (Unix ns): the
+  // start of its lease.
+  std::atomic<int64_t> last_activity_ns{0};
+  // Call handles the app holds, for its quota: reserved before a handle is
+  // issued, released when one is voided.
+  std::atomic<uint64_t> call_handle_count{0};
+
   absl::Mutex request_mu ABSL_ACQUIRED_BEFORE(mu);
   absl::flat_hash_map<std::string, IdempotentMakeCall> recent_requests ABSL_GUARDED_BY(request_mu);
+  // recent_requests' keys, oldest first.
   std::deque<std::string> request_order ABSL_GUARDED_BY(request_mu);
 
   absl::Mutex mu;

@@ -90,7 +90,10 @@ class Server:
 def callsessiond(extra=()):
     env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": "warning"}
     return Server([f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
-                   "--shutdown_grace=1s", *extra], env=env)
+                   "--shutdown_grace=1s",
+                   # Leases stay on (their per-RPC cost is measured), long
+                   # enough that set-up apps outlive the idle phases.
+                   "--app_ttl=10m", *extra], env=env)
 
 
 def run(argv, **kwargs):
@@ -275,7 +278,7 @@ def loadgen_scenarios():
 def memory():
     for calls in MEMORY_SIZES:
         log(f"memory with {calls} calls")
-        server = callsessiond(["--event_queue_limit=1000"])
+        server = callsessiond(["--event_buffer=1000", "--max_call_handles_per_app=0"])
         try:
             out = os.path.join(OUT, f"memory-{calls}.json")
             run([f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{server.port}",
