@@ -2,12 +2,15 @@
 // The full list of semantic rules is tested through a real channel in
 // service_test.cc; these cover what is easier to see from inside: the
 // injected clock, counters, and concurrency.
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
 #include "server/core/call_session_core.h"
 #include "server/core/tapi_error.h"
 #include "tests/test_support.h"
@@ -19,14 +22,16 @@ constexpr char kProviderToken[] = "provider-secret";
 
 class CoreTest : public ::testing::Test {
  protected:
-  CoreTest() : core_(Options()) {}
+  explicit CoreTest(std::function<void(CoreOptions&)> configure = nullptr)
+      : core_(Options(configure)) {}
 
-  CoreOptions Options() {
+  CoreOptions Options(const std::function<void(CoreOptions&)>& configure) {
     CoreOptions options;
     options.num_devices = 4;
     options.shards = 8;
     options.provider_token = kProviderToken;
     options.clock = &clock_;
+    if (configure) configure(options);
     return options;
   }
 
@@ -97,8 +102,41 @@ class CoreTest : public ::testing::Test {
     return core_.LineClose(token, request, &response);
   }
 
+  absl::StatusOr<uint64_t> Offer(uint32_t device) {
+    v1::OfferCallRequest request;
+    request.set_device_id(device);
+    v1::OfferCallResponse response;
+    absl::Status status = core_.OfferCall(kProviderToken, request, &response);
+    if (!status.ok()) return status;
+    return response.call_id();
+  }
+
+  absl::StatusOr<v1::ListCallsResponse> List(const std::string& token,
+                                             const std::string& page_token = "",
+                                             uint32_t page_size = 0) {
+    v1::ListCallsRequest request;
+    request.set_page_token(page_token);
+    request.set_page_size(page_size);
+    v1::ListCallsResponse response;
+    absl::Status status = core_.ListCalls(token, request, &response);
+    if (!status.ok()) return status;
+    return response;
+  }
+
+  absl::Status KeepAlive(const std::string& token) {
+    v1::KeepAliveResponse response;
+    return core_.KeepAlive(token, v1::KeepAliveRequest(), &response);
+  }
+
   FakeClock clock_;
   CallSessionCore core_;
+};
+
+// A sink that only records; the tests pull with Next.
+class NullSink final : public EventSink {
+ public:
+  void OnEventsAvailable() override {}
+  void OnSubscriptionEnded(const absl::Status& why) override {}
 };
 
 TEST_F(CoreTest, StateEntryTimeComesFromTheInjectedClock) {
@@ -170,6 +208,47 @@ TEST_F(CoreTest, LineCloseDropsOwnedCallsAndCountsThem) {
   EXPECT_EQ(stats.live.lines, 0u);
 }
 
+TEST_F(CoreTest, ListCallsPagesThroughEveryHandleInOrder) {
+  const std::string app = Init("a");
+  const uint64_t line_a = Open(app, 0);
+  const uint64_t line_b = Open(app, 1, {v1::CALL_PRIVILEGE_OWNER});
+  std::vector<uint64_t> handles;
+  for (int i = 0; i < 4; ++i) {
+    auto call = Make(app, i % 2 == 0 ? line_a : line_b, absl::StrCat("10", i));
+    ASSERT_THAT(call, IsOk());
+    handles.push_back(call->call_handle());
+  }
+  ASSERT_THAT(Drop(app, handles[1]), IsOk());
+  std::sort(handles.begin(), handles.end());
+
+  std::vector<uint64_t> listed;
+  std::string page_token;
+  int pages = 0;
+  do {
+    auto page = List(app, page_token, 3);
+    ASSERT_THAT(page, IsOk());
+    ++pages;
+    // Every event raised so far: 4 DIALING and 1 IDLE.
+    EXPECT_EQ(page->resume_sequence(), 6u);
+    for (const v1::CallHandleEntry& entry : page->calls()) {
+      listed.push_back(entry.call_handle());
+      auto status = Status(app, entry.call_handle());
+      ASSERT_THAT(status, IsOk());
+      EXPECT_EQ(entry.status().call_state(), status->call_state());
+      EXPECT_EQ(entry.info().call_id() != 0, true);
+      EXPECT_TRUE(entry.info().line_handle() == line_a || entry.info().line_handle() == line_b);
+    }
+    page_token = page->next_page_token();
+  } while (!page_token.empty());
+  EXPECT_EQ(pages, 2);
+  EXPECT_EQ(listed, handles);
+  EXPECT_THAT(List(app, "not-a-token"),
+              IsTapiError(absl::StatusCode::kInvalidArgument, "LINEERR_INVALPARAM"));
+  auto other = List(Init("b"));
+  ASSERT_THAT(other, IsOk());
+  EXPECT_EQ(other->calls_size(), 0) << "only the caller's own handles";
+}
+
 TEST_F(CoreTest, OptionsAreValidated) {
   CoreOptions options;
   EXPECT_THAT(ValidateCoreOptions(options), IsOk());
@@ -178,6 +257,173 @@ TEST_F(CoreTest, OptionsAreValidated) {
   options.shards = 64;
   options.num_devices = 0;
   EXPECT_EQ(ValidateCoreOptions(options).code(), absl::StatusCode::kInvalidArgument);
+}
+
+class LeaseTest : public CoreTest {
+ protected:
+  LeaseTest() : CoreTest([](CoreOptions& o) { o.app_ttl = absl::Seconds(60); }) {}
+};
+
+TEST_F(LeaseTest, AnIdleAppIsShutDownAsIfItHadCalledShutdown) {
+  const std::string owner = Init("owner");
+  const std::string monitor = Init("monitor");
+  const uint64_t owner_line = Open(owner, 0);
+  const uint64_t monitor_line = Open(monitor, 0, {v1::CALL_PRIVILEGE_MONITOR});
+  auto call = Make(owner, owner_line);
+  ASSERT_THAT(call, IsOk());
+  v1::GetNewCallsRequest request;
+  request.set_line_handle(monitor_line);
+  v1::GetNewCallsResponse response;
+  ASSERT_THAT(core_.GetNewCalls(monitor, request, &response), IsOk());
+  auto listed = List(monitor);
+  ASSERT_THAT(listed, IsOk());
+  ASSERT_EQ(listed->calls_size(), 1);
+  const uint64_t monitor_handle = listed->calls(0).call_handle();
+
+  clock_.Advance(absl::Seconds(40));
+  ASSERT_THAT(KeepAlive(monitor), IsOk());
+  clock_.Advance(absl::Seconds(19));
+  EXPECT_EQ(core_.ExpireIdleApps(), 0u) << "59 s idle is within the lease";
+  clock_.Advance(absl::Seconds(1));
+  EXPECT_EQ(core_.ExpireIdleApps(), 1u) << "the owner, idle 60 s; not the monitor";
+
+  EXPECT_THAT(KeepAlive(owner),
+              IsTapiError(absl::StatusCode::kUnauthenticated, "LINEERR_UNINITIALIZED"));
+  auto status = Status(monitor, monitor_handle);
+  ASSERT_THAT(status, IsOk());
+  EXPECT_EQ(status->call_state(), v1::CALL_STATE_IDLE) << "its sole-owned call was dropped";
+  const CoreStats stats = core_.Stats();
+  EXPECT_EQ(stats.apps_expired, 1u);
+  EXPECT_EQ(stats.live.apps, 1u);
+  EXPECT_EQ(stats.live.lines, 1u);
+  EXPECT_EQ(stats.live.call_handles, 1u) << "only the monitor's handle is left";
+}
+
+TEST_F(LeaseTest, AnOpenEventStreamKeepsTheLeaseAndItRunsFromTheStreamsEnd) {
+  const std::string app = Init("a");
+  auto subscription = core_.WatchEvents(app, v1::WatchEventsRequest(),
+                                        std::make_shared<NullSink>());
+  ASSERT_THAT(subscription, IsOk());
+  clock_.Advance(absl::Hours(2));
+  EXPECT_EQ(core_.ExpireIdleApps(), 0u);
+  subscription->reset();
+  clock_.Advance(absl::Seconds(59));
+  EXPECT_EQ(core_.ExpireIdleApps(), 0u);
+  clock_.Advance(absl::Seconds(1));
+  EXPECT_EQ(core_.ExpireIdleApps(), 1u);
+}
+
+TEST_F(CoreTest, LeasesAreOffUnlessConfigured) {
+  const std::string app = Init("a");
+  clock_.Advance(absl::Hours(24 * 365));
+  EXPECT_EQ(core_.ExpireIdleApps(), 0u);
+  EXPECT_THAT(KeepAlive(app), IsOk());
+}
+
+class QuotaTest : public CoreTest {
+ protected:
+  QuotaTest()
+      : CoreTest([](CoreOptions& o) {
+          o.max_apps = 3;
+          o.max_lines_per_app = 2;
+          o.max_call_handles_per_app = 2;
+          o.request_id_ttl = absl::Minutes(1);
+        }) {}
+};
+
+TEST_F(QuotaTest, AppsPastTheLimitAreRefusedUntilOneLeaves) {
+  const std::string a = Init("a");
+  Init("b");
+  Init("c");
+  v1::InitializeRequest request;
+  v1::InitializeResponse response;
+  EXPECT_THAT(core_.Initialize(request, &response),
+              IsTapiError(absl::StatusCode::kResourceExhausted, "LINEERR_RESOURCEUNAVAIL"));
+  EXPECT_EQ(core_.Stats().live.apps, 3u);
+  v1::ShutdownResponse shut;
+  ASSERT_THAT(core_.Shutdown(a, v1::ShutdownRequest(), &shut), IsOk());
+  EXPECT_THAT(core_.Initialize(request, &response), IsOk());
+  EXPECT_EQ(core_.Stats().quota_rejections, 1u);
+}
+
+TEST_F(QuotaTest, LinesPastTheLimitAreRefusedAndNothingChanges) {
+  const std::string app = Init("a");
+  const uint64_t first = Open(app, 0);
+  Open(app, 1);
+  v1::LineOpenRequest request;
+  request.set_device_id(2);
+  v1::LineOpenResponse response;
+  EXPECT_THAT(core_.LineOpen(app, request, &response),
+              IsTapiError(absl::StatusCode::kResourceExhausted, "LINEERR_RESOURCEUNAVAIL"));
+  EXPECT_EQ(core_.Stats().live.lines, 2u);
+  const std::string other = Init("b");
+  Open(other, 2);  // the quota is per application
+  ASSERT_THAT(Close(app, first), IsOk());
+  EXPECT_THAT(core_.LineOpen(app, request, &response), IsOk());
+}
+
+TEST_F(QuotaTest, MakeCallPastTheHandleLimitCreatesNothing) {
+  const std::string app = Init("a");
+  const uint64_t line = Open(app, 0);
+  auto first = Make(app, line);
+  ASSERT_THAT(first, IsOk());
+  ASSERT_THAT(Make(app, line), IsOk());
+  const CoreStats before = core_.Stats();
+  EXPECT_THAT(Make(app, line),
+              IsTapiError(absl::StatusCode::kResourceExhausted, "LINEERR_RESOURCEUNAVAIL"));
+  const CoreStats after = core_.Stats();
+  EXPECT_EQ(after.calls_created, before.calls_created);
+  EXPECT_EQ(after.live.call_handles, 2u);
+  ASSERT_THAT(Drop(app, first->call_handle()), IsOk());
+  ASSERT_THAT(Deallocate(app, first->call_handle()), IsOk());
+  EXPECT_THAT(Make(app, line), IsOk()) << "a voided handle gives its quota back";
+}
+
+TEST_F(QuotaTest, AnOwnerAtItsLimitIsSkippedWhenCallsAreOffered) {
+  const std::string first = Init("first");
+  const std::string second = Init("second");
+  Open(first, 0, {v1::CALL_PRIVILEGE_OWNER});
+  Open(second, 0, {v1::CALL_PRIVILEGE_OWNER});
+  for (int i = 0; i < 3; ++i) ASSERT_THAT(Offer(0), IsOk());
+  auto first_calls = List(first);
+  auto second_calls = List(second);
+  ASSERT_THAT(first_calls, IsOk());
+  ASSERT_THAT(second_calls, IsOk());
+  EXPECT_EQ(first_calls->calls_size(), 2);
+  EXPECT_EQ(second_calls->calls_size(), 1) << "the third call went to the next owner line";
+}
+
+TEST_F(QuotaTest, GetNewCallsPastTheLimitIssuesNothing) {
+  for (int i = 0; i < 3; ++i) ASSERT_THAT(Offer(0), IsOk());
+  const std::string app = Init("a");
+  const uint64_t line = Open(app, 0, {v1::CALL_PRIVILEGE_MONITOR});
+  v1::GetNewCallsRequest request;
+  request.set_line_handle(line);
+  v1::GetNewCallsResponse response;
+  EXPECT_THAT(core_.GetNewCalls(app, request, &response),
+              IsTapiError(absl::StatusCode::kResourceExhausted, "LINEERR_RESOURCEUNAVAIL"));
+  EXPECT_EQ(response.call_handles_size(), 0);
+  EXPECT_EQ(core_.Stats().live.call_handles, 0u);
+}
+
+TEST_F(QuotaTest, ARequestIdIsForgottenAfterItsTtl) {
+  const std::string app = Init("a");
+  const uint64_t line = Open(app, 0);
+  v1::MakeCallRequest request;
+  request.set_line_handle(line);
+  request.set_dest_address("100");
+  request.set_request_id("retry-me");
+  v1::MakeCallResponse first;
+  ASSERT_THAT(core_.MakeCall(app, request, &first), IsOk());
+  clock_.Advance(absl::Seconds(59));
+  v1::MakeCallResponse retry;
+  ASSERT_THAT(core_.MakeCall(app, request, &retry), IsOk());
+  EXPECT_EQ(retry.call_handle(), first.call_handle()) << "a retry within the TTL";
+  clock_.Advance(absl::Seconds(1));
+  v1::MakeCallResponse later;
+  ASSERT_THAT(core_.MakeCall(app, request, &later), IsOk());
+  EXPECT_NE(later.call_handle(), first.call_handle()) << "past the TTL the key is new";
+  EXPECT_EQ(core_.Stats().calls_created, 2u);
 }
 
 // Many apps at once place, read, drop and deallocate calls, while the
