@@ -1,5 +1,6 @@
 #include "server/grpc_edge.h"
 
+#include <iterator>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -37,8 +38,9 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
 absl::string_view BearerToken(const grpc::ServerContextBase& context) {
   constexpr absl::string_view kScheme = "Bearer ";
   const auto& metadata = context.client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) return {};
+  auto [it, end] = metadata.equal_range("authorization");
+  // None, or several: ambiguous credentials are no credentials.
+  if (it == end || std::next(it) != end) return {};
   absl::string_view value(it->second.data(), it->second.size());
   if (value.size() <= kScheme.size() ||
       !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {

@@ -20,7 +20,8 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
                                       const absl::Status& status);
 
 // The token of an `authorization: Bearer <token>` header ("Bearer" in any
-// case), or "" if there is none. Points into the context's metadata.
+// case), or "" if there is none or more than one. Points into the
+// context's metadata.
 absl::string_view BearerToken(const grpc::ServerContextBase& context);
 
 }  // namespace callsession

@@ -118,6 +118,15 @@ class CoreCollector final : public prometheus::Collectable {
     add("callsession_live_call_handles", "Valid call handles.", stats.live.call_handles, false);
     add("callsession_live_event_subscribers", "Open WatchEvents streams.", stats.event_subscribers,
         false);
+    add("callsession_events_buffered", "Events held in applications' replay buffers.",
+        stats.events_buffered, false);
+    add("callsession_events_lost_total",
+        "Events evicted before a consumer got them (reported as EventsLostEvent).",
+        stats.events_lost, true);
+    add("callsession_apps_expired_total", "Applications shut down because their lease ran out.",
+        stats.apps_expired, true);
+    add("callsession_quota_rejections_total", "Requests refused by a quota (RESOURCE_EXHAUSTED).",
+        stats.quota_rejections, true);
     add("callsession_calls_created_total", "Calls created (MakeCall and OfferCall).",
         stats.calls_created, true);
     add("callsession_calls_freed_total", "Call records freed (IDLE with no handle left).",

@@ -526,6 +526,7 @@ bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_
       }
     }
     sink = app->events.Close();
+    events_lost_by_departed_apps_.fetch_add(app->events.lost(), std::memory_order_relaxed);
   }
   if (sink != nullptr) sink->OnSubscriptionEnded(absl::OkStatus());
   Log(LogLevel::kInfo, "app_shut_down",
@@ -1046,6 +1047,14 @@ CoreStats CallSessionCore::Stats() const {
   stats.calls_dropped_by_line_close = calls_dropped_by_line_close_.load(std::memory_order_relaxed);
   stats.forced_line_closes = forced_line_closes_.load(std::memory_order_relaxed);
   stats.call_handles_deallocated = call_handles_deallocated_.load(std::memory_order_relaxed);
+  stats.events_lost = events_lost_by_departed_apps_.load(std::memory_order_relaxed);
+  {
+    absl::MutexLock lock(&apps_mu_);
+    for (const auto& [handle, app] : apps_) {
+      stats.events_buffered += app->events.buffered();
+      stats.events_lost += app->events.lost();
+    }
+  }
   stats.apps_expired = apps_expired_.load(std::memory_order_relaxed);
   stats.quota_rejections = quota_rejections_.load(std::memory_order_relaxed);
   return stats;

@@ -75,8 +75,10 @@ struct CoreStats {
   uint64_t call_handles_deallocated = 0;  // by DeallocateCall
   uint64_t calls_dropped_by_line_close = 0;
   uint64_t forced_line_closes = 0;
-  uint64_t apps_expired = 0;       // shut down by ExpireIdleApps
-  uint64_t quota_rejections = 0;   // requests refused by a quota
+  size_t events_buffered = 0;     // in registered apps' buffers
+  uint64_t events_lost = 0;       // by registered apps' consumers, since start
+  uint64_t apps_expired = 0;      // shut down by ExpireIdleApps
+  uint64_t quota_rejections = 0;  // requests refused by a quota
 };
 
 class CallSessionCore;
@@ -257,6 +259,7 @@ class CallSessionCore {
   std::atomic<uint64_t> forced_line_closes_{0};
   std::atomic<uint64_t> call_handles_deallocated_{0};
   std::atomic<uint64_t> apps_expired_{0};
+  std::atomic<uint64_t> events_lost_by_departed_apps_{0};
   std::atomic<uint64_t> quota_rejections_{0};
 };
 
