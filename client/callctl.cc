@@ -37,6 +37,8 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for mutual TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM key of --tls_cert");
 ABSL_FLAG(std::string, tls_server_name, "",
           "name to verify in the server certificate (default: the host of --server)");
+ABSL_FLAG(uint64_t, from_sequence, 0,
+          "watch: resume from this event sequence (0: where the last stream stopped)");
 ABSL_FLAG(int32_t, count, 0, "watch: stop after this many events (0: until the stream ends)");
 ABSL_FLAG(absl::Duration, idle_timeout, absl::InfiniteDuration(),
           "watch: stop after this long without an event");
@@ -55,7 +57,10 @@ Application commands (need --token or $CALLSESSION_APP_TOKEN, except init):
   answer CALL | drop CALL | deallocate CALL
   info CALL | status CALL
   new-calls LINE
-  watch                            print events as JSON lines (see --count)
+  list-calls                       every call handle held, with info and status
+  keepalive                        renew the application's lease
+  watch                            print events as JSON lines (see --count,
+                                   --from_sequence)
 Provider commands (need --provider_token or $CALLSESSION_PROVIDER_TOKEN):
   offer DEVICE [CALLER] [CALLED]
   set-state CALL_ID STATE          STATE: e.g. connected, CALL_STATE_IDLE
@@ -144,7 +149,7 @@ int PrintOk(const absl::Status& status) {
 }
 
 int Watch(Context& ctx) {
-  std::unique_ptr<EventStream> stream = ctx.app.WatchEvents();
+  std::unique_ptr<EventStream> stream = ctx.app.WatchEvents(absl::GetFlag(FLAGS_from_sequence));
   const int limit = absl::GetFlag(FLAGS_count);
   const absl::Duration idle = absl::GetFlag(FLAGS_idle_timeout);
   for (int seen = 0; limit == 0 || seen < limit; ++seen) {
@@ -294,6 +299,8 @@ int Dispatch(Context& ctx, const std::string& command, const Args& args) {
     return 0;
   }
   if (command == "watch") return Watch(ctx);
+  if (command == "list-calls") return PrintOr(ctx.app.ListAllCalls());
+  if (command == "keepalive") return PrintOk(ctx.app.KeepAlive());
 
   // Commands taking one handle or id.
   const std::map<std::string, std::function<int(uint64_t)>> by_handle = {

@@ -4,6 +4,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "tests/daemon.h"
 #include "tests/test_support.h"
 
@@ -78,6 +79,74 @@ TEST(EndToEndTest, InvalidFlagsRefuseToStart) {
   ASSERT_TRUE(daemon.started());
   EXPECT_EQ(daemon.Wait(), 1);
   EXPECT_TRUE(absl::StrContains(daemon.log(), "shards must be a power of two")) << daemon.log();
+}
+
+// The value of "key":"value" in callctl's JSON output, or "".
+std::string JsonField(const std::string& json, const std::string& key) {
+  const std::string prefix = absl::StrCat("\"", key, "\":\"");
+  const size_t at = json.find(prefix);
+  if (at == std::string::npos) return "";
+  const size_t start = at + prefix.size();
+  return json.substr(start, json.find('"', start) - start);
+}
+
+// A client process holding a line and a live call, kept alive by its event
+// stream, is killed: once its lease runs out the server shuts it down, its
+// call is dropped (a monitor sees IDLE) and its token stops working.
+TEST(EndToEndTest, AKilledClientsLinesAndCallsAreReclaimedWhenItsLeaseRunsOut) {
+  Daemon daemon({"--listen=127.0.0.1:0", "--app_ttl=2s"}, kEnvironment);
+  ASSERT_TRUE(daemon.started());
+  const std::string address = daemon.WaitUntilListening();
+  ASSERT_FALSE(address.empty());
+  const std::string server = absl::StrCat("--server=", address);
+
+  const CommandResult monitor_init = Callctl(absl::StrCat(server, " init monitor"));
+  ASSERT_EQ(monitor_init.exit_code, 0) << monitor_init.output;
+  const std::string monitor = absl::StrCat(server, " --token=",
+                                           JsonField(monitor_init.output, "app_token"));
+  ASSERT_EQ(Callctl(absl::StrCat(monitor, " line-open 0 monitor")).exit_code, 0);
+  // The monitor stays alive through its own event stream.
+  const pid_t monitor_watcher = SpawnQuietly(
+      {CALLCTL_PATH, server, "--token=" + JsonField(monitor_init.output, "app_token"), "watch"});
+  ASSERT_GT(monitor_watcher, 0);
+
+  const CommandResult init = Callctl(absl::StrCat(server, " init doomed"));
+  ASSERT_EQ(init.exit_code, 0) << init.output;
+  const std::string token = JsonField(init.output, "app_token");
+  const std::string doomed = absl::StrCat(server, " --token=", token);
+  const CommandResult line = Callctl(absl::StrCat(doomed, " line-open 0"));
+  ASSERT_EQ(line.exit_code, 0) << line.output;
+  const CommandResult call =
+      Callctl(absl::StrCat(doomed, " make-call ", JsonField(line.output, "line_handle"), " 100"));
+  ASSERT_EQ(call.exit_code, 0) << call.output;
+  const std::string call_id = JsonField(call.output, "call_id");
+
+  // The controlling process: an open event stream holds the lease.
+  const pid_t watcher = SpawnQuietly({CALLCTL_PATH, server, "--token=" + token, "watch"});
+  ASSERT_GT(watcher, 0);
+  absl::SleepFor(absl::Seconds(3));
+  const CommandResult held = Callctl(absl::StrCat(monitor, " list-calls"));
+  EXPECT_TRUE(absl::StrContains(held.output, "CALL_STATE_DIALING")) << held.output;
+
+  kill(watcher, SIGKILL);
+  waitpid(watcher, nullptr, 0);
+  // Lease 2 s, checked every 500 ms: gone within 2.5 s of the kill.
+  absl::SleepFor(absl::Seconds(4));
+  const CommandResult after = Callctl(absl::StrCat(monitor, " list-calls"));
+  EXPECT_EQ(after.exit_code, 0) << after.output;
+  EXPECT_TRUE(absl::StrContains(after.output, "CALL_STATE_IDLE")) << after.output;
+  EXPECT_TRUE(absl::StrContains(after.output, absl::StrCat("\"call_id\":\"", call_id, "\"")))
+      << after.output;
+  const CommandResult revoked = Callctl(absl::StrCat(doomed, " keepalive"));
+  EXPECT_NE(revoked.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(revoked.output, "LINEERR_UNINITIALIZED")) << revoked.output;
+  const CommandResult renewed = Callctl(absl::StrCat(monitor, " keepalive"));
+  EXPECT_EQ(renewed.exit_code, 0) << renewed.output;
+  kill(monitor_watcher, SIGKILL);
+  waitpid(monitor_watcher, nullptr, 0);
+
+  EXPECT_EQ(daemon.StopWith(SIGTERM), 0);
+  EXPECT_TRUE(absl::StrContains(daemon.log(), "\"reason\":\"lease_expired\"")) << daemon.log();
 }
 
 }  // namespace
