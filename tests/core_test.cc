@@ -301,8 +301,8 @@ TEST_F(LeaseTest, AnIdleAppIsShutDownAsIfItHadCalledShutdown) {
 
 TEST_F(LeaseTest, AnOpenEventStreamKeepsTheLeaseAndItRunsFromTheStreamsEnd) {
   const std::string app = Init("a");
-  auto subscription = core_.WatchEvents(app, v1::WatchEventsRequest(),
-                                        std::make_shared<NullSink>());
+  auto subscription =
+      core_.WatchEvents(app, v1::WatchEventsRequest(), std::make_shared<NullSink>());
   ASSERT_THAT(subscription, IsOk());
   clock_.Advance(absl::Hours(2));
   EXPECT_EQ(core_.ExpireIdleApps(), 0u);

@@ -102,8 +102,8 @@ TEST(EndToEndTest, AKilledClientsLinesAndCallsAreReclaimedWhenItsLeaseRunsOut) {
 
   const CommandResult monitor_init = Callctl(absl::StrCat(server, " init monitor"));
   ASSERT_EQ(monitor_init.exit_code, 0) << monitor_init.output;
-  const std::string monitor = absl::StrCat(server, " --token=",
-                                           JsonField(monitor_init.output, "app_token"));
+  const std::string monitor =
+      absl::StrCat(server, " --token=", JsonField(monitor_init.output, "app_token"));
   ASSERT_EQ(Callctl(absl::StrCat(monitor, " line-open 0 monitor")).exit_code, 0);
   // The monitor stays alive through its own event stream.
   const pid_t monitor_watcher = SpawnQuietly(

@@ -153,8 +153,7 @@ TEST_F(ReliabilityTest, AResumePointNoLongerBufferedIsReportedAndListCallsRebuil
   ASSERT_EQ(view->calls_size(), 5);
   for (const v1::CallHandleEntry& entry : view->calls()) {
     const bool dropped = entry.call_handle() == handles[0] || entry.call_handle() == handles[3];
-    EXPECT_EQ(entry.status().call_state(),
-              dropped ? v1::CALL_STATE_IDLE : v1::CALL_STATE_DIALING);
+    EXPECT_EQ(entry.status().call_state(), dropped ? v1::CALL_STATE_IDLE : v1::CALL_STATE_DIALING);
     EXPECT_EQ(entry.info().line_handle(), line);
   }
   EXPECT_EQ(view->resume_sequence(), 8u);
@@ -183,8 +182,8 @@ TEST_F(ReliabilityTest, AConsumerThatNeverReadsCostsABoundedBufferAndIsToldWhatI
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  auto stalled_stub = v1::CallSessionService::NewStub(grpc::CreateCustomChannel(
-      server_->address(), grpc::InsecureChannelCredentials(), args));
+  auto stalled_stub = v1::CallSessionService::NewStub(
+      grpc::CreateCustomChannel(server_->address(), grpc::InsecureChannelCredentials(), args));
   grpc::ClientContext stalled_context;
   stalled_context.AddMetadata("authorization", absl::StrCat("Bearer ", stalled->token()));
   v1::WatchEventsRequest request;

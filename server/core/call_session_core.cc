@@ -6,8 +6,8 @@
 #include <cerrno>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "google/protobuf/duration.pb.h"
 #include "google/protobuf/timestamp.pb.h"
 #include "server/core/handle_table.h"
@@ -334,8 +334,8 @@ bool CallSessionCore::ReserveCallHandles(App& app, uint64_t count) {
   uint64_t held = app.call_handle_count.load(std::memory_order_relaxed);
   do {
     if (limit != 0 && held + count > limit) return false;
-  } while (!app.call_handle_count.compare_exchange_weak(held, held + count,
-                                                        std::memory_order_relaxed));
+  } while (
+      !app.call_handle_count.compare_exchange_weak(held, held + count, std::memory_order_relaxed));
   return true;
 }
 

@@ -1,0 +1,697 @@
+// Model-based fuzzing of CallSessionCore. The input is decoded into a
+// sequence of operations by three applications and the provider; each runs
+// against the core and against the reference model below, and after every
+// step the harness checks that both returned the same result, that each
+// live app's ListCalls equals the model's view of its handles (handle,
+// call, line, privilege, state) and event count, that every handle the
+// model knows to be void is refused, and that the core's live counts equal
+// the model's. Leaks are caught by LeakSanitizer (fuzz builds) and by the
+// store being empty once every app has shut down.
+//
+// The model is deliberately naive: plain maps and linear scans, written
+// from the API contract in protos/, not from the core's code.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/core/call_session_core.h"
+#include "server/core/log.h"
+#include "server/core/tapi_error.h"
+#include "tests/test_support.h"
+
+namespace callsession {
+namespace {
+
+constexpr char kProvider[] = "fuzz-provider";
+constexpr int kApps = 3;
+constexpr uint32_t kDevices = 2;
+constexpr size_t kMaxLines = 3;
+constexpr size_t kMaxHandles = 5;
+constexpr absl::Duration kAppTtl = absl::Seconds(10);
+constexpr absl::Duration kRequestIdTtl = absl::Seconds(30);
+
+#define CHECK_THAT(cond, ...)                                                   \
+  do {                                                                          \
+    if (!(cond)) {                                                              \
+      std::fprintf(stderr, "model mismatch at %s:%d: %s\n", __FILE__, __LINE__, \
+                   absl::StrCat(__VA_ARGS__).c_str());                          \
+      std::abort();                                                             \
+    }                                                                           \
+  } while (0)
+
+// Reads the fuzz input a byte at a time; zeros once it runs out.
+class Input {
+ public:
+  Input(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  bool empty() const { return pos_ >= size_; }
+  uint8_t Byte() { return pos_ < size_ ? data_[pos_++] : 0; }
+  template <typename T>
+  const T& Pick(const std::vector<T>& from) {
+    return from[Byte() % from.size()];
+  }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  size_t pos_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// The reference model.
+
+struct ModelLine {
+  int app;
+  uint32_t device;
+  bool owner;
+  bool monitor;
+  uint64_t order;  // open order, for "earliest line" rules
+};
+
+struct ModelHolder {
+  int app;
+  uint64_t line;
+  bool owner;
+};
+
+struct ModelCall {
+  uint32_t device;
+  v1::CallState state;
+  // Keyed by handle; 0-keyed entries are not possible: handles are learned
+  // when issued (from responses or ListCalls).
+  std::map<uint64_t, ModelHolder> holders;
+};
+
+struct ModelApp {
+  bool alive = false;
+  std::string token;
+  uint64_t events = 0;  // events queued so far
+  struct Request {
+    uint64_t line;
+    std::string dest;
+    uint64_t handle;
+    uint64_t call_id;
+    absl::Time answered;
+  };
+  std::map<std::string, Request> requests;
+};
+
+struct Model {
+  ModelApp apps[kApps];
+  std::map<uint64_t, ModelLine> lines;  // open lines
+  std::map<uint64_t, ModelCall> calls;  // not freed, by call id
+  std::set<uint64_t> void_handles;      // issued once, void now
+  std::set<uint64_t> closed_lines;
+  uint64_t next_order = 1;
+
+  size_t HandlesOf(int app) const {
+    size_t n = 0;
+    for (const auto& [id, call] : calls) {
+      for (const auto& [h, holder] : call.holders) n += holder.app == app;
+    }
+    return n;
+  }
+  size_t LinesOf(int app) const {
+    size_t n = 0;
+    for (const auto& [h, line] : lines) n += line.app == app;
+    return n;
+  }
+  static bool Holds(const ModelCall& call, int app) {
+    for (const auto& [h, holder] : call.holders) {
+      if (holder.app == app) return true;
+    }
+    return false;
+  }
+  // Lines on `device` with the property, in open order.
+  std::vector<uint64_t> LinesOn(uint32_t device, bool owner) const {
+    std::vector<std::pair<uint64_t, uint64_t>> found;
+    for (const auto& [h, line] : lines) {
+      if (line.device == device && (owner ? line.owner : line.monitor)) {
+        found.emplace_back(line.order, h);
+      }
+    }
+    std::sort(found.begin(), found.end());
+    std::vector<uint64_t> handles;
+    for (const auto& [order, h] : found) handles.push_back(h);
+    return handles;
+  }
+  void Event(int app) {
+    if (apps[app].alive) ++apps[app].events;
+  }
+  void SetState(ModelCall& call, v1::CallState state) {
+    call.state = state;
+    for (const auto& [h, holder] : call.holders) Event(holder.app);
+  }
+  void FreeIfDone(uint64_t call_id) {
+    auto it = calls.find(call_id);
+    if (it->second.state == v1::CALL_STATE_IDLE && it->second.holders.empty()) calls.erase(it);
+  }
+  // Voids `handle` of a closing line: a sole owner's live call is dropped.
+  void VoidForClose(uint64_t call_id, uint64_t handle) {
+    ModelCall& call = calls.at(call_id);
+    const bool owner = call.holders.at(handle).owner;
+    call.holders.erase(handle);
+    void_handles.insert(handle);
+    if (owner && call.state != v1::CALL_STATE_IDLE) SetState(call, v1::CALL_STATE_IDLE);
+    FreeIfDone(call_id);
+  }
+  void CloseLine(uint64_t line_handle) {
+    lines.erase(line_handle);
+    closed_lines.insert(line_handle);
+    std::vector<std::pair<uint64_t, uint64_t>> voided;
+    for (const auto& [id, call] : calls) {
+      for (const auto& [h, holder] : call.holders) {
+        if (holder.line == line_handle) voided.emplace_back(id, h);
+      }
+    }
+    for (const auto& [id, h] : voided) VoidForClose(id, h);
+  }
+};
+
+// ---------------------------------------------------------------------------
+
+class Harness {
+ public:
+  Harness() : core_(Options()) {}
+
+  void Run(Input& in) {
+    for (int step = 0; step < 200 && !in.empty(); ++step) {
+      Step(in);
+      Reconcile();
+    }
+    // Everyone leaves: the store must be empty but for unheld inbound calls.
+    for (int a = 0; a < kApps; ++a) {
+      if (!model_.apps[a].alive) continue;
+      v1::ShutdownResponse response;
+      CHECK_THAT(core_.Shutdown(model_.apps[a].token, {}, &response).ok(), "final shutdown");
+    }
+    const CoreStats stats = core_.Stats();
+    CHECK_THAT(stats.live.apps == 0 && stats.live.lines == 0 && stats.live.call_handles == 0,
+               "store not empty after every app shut down");
+    CHECK_THAT(stats.call_handles_created == stats.call_handles_voided, "handles leaked");
+    CHECK_THAT(stats.calls_created == stats.calls_freed + stats.live.calls, "calls leaked");
+  }
+
+ private:
+  CoreOptions Options() {
+    CoreOptions options;
+    options.num_devices = kDevices;
+    options.shards = 4;
+    options.provider_token = kProvider;
+    options.event_buffer = 1 << 20;  // no loss: events are counted
+    options.request_id_ttl = kRequestIdTtl;
+    options.app_ttl = kAppTtl;
+    options.max_lines_per_app = kMaxLines;
+    options.max_call_handles_per_app = kMaxHandles;
+    options.clock = &clock_;
+    return options;
+  }
+
+  // The token to use for app slot `a`: its live one, its stale one, or none.
+  std::string TokenOf(int a) { return model_.apps[a].token; }
+
+  // A line handle worth trying for app `a`: one of its own open lines, a
+  // closed one, another app's, or garbage.
+  uint64_t PickLine(Input& in, int a) {
+    std::vector<uint64_t> candidates = {0, 999999};
+    for (const auto& [h, line] : model_.lines) candidates.push_back(h);
+    for (uint64_t h : model_.closed_lines) candidates.push_back(h);
+    for (const auto& [h, line] : model_.lines) {
+      if (line.app == a) candidates.insert(candidates.end(), 3, h);  // favour own
+    }
+    return in.Pick(candidates);
+  }
+
+  uint64_t PickHandle(Input& in, int a) {
+    std::vector<uint64_t> candidates = {0, 999999};
+    for (const auto& [id, call] : model_.calls) {
+      for (const auto& [h, holder] : call.holders) {
+        candidates.push_back(h);
+        if (holder.app == a) candidates.insert(candidates.end(), 3, h);
+      }
+    }
+    for (uint64_t h : model_.void_handles) candidates.push_back(h);
+    return in.Pick(candidates);
+  }
+
+  uint64_t PickCallId(Input& in) {
+    std::vector<uint64_t> candidates = {0, 999999};
+    for (const auto& [id, call] : model_.calls) candidates.insert(candidates.end(), 2, id);
+    return in.Pick(candidates);
+  }
+
+  // The holder of `handle` if app `a` holds it.
+  const ModelHolder* Held(uint64_t handle, int a, uint64_t* call_id) {
+    for (auto& [id, call] : model_.calls) {
+      auto it = call.holders.find(handle);
+      if (it != call.holders.end()) {
+        if (it->second.app != a) return nullptr;
+        *call_id = id;
+        return &it->second;
+      }
+    }
+    return nullptr;
+  }
+
+  static void Expect(const absl::Status& got, absl::string_view want, absl::string_view op) {
+    const std::string name = got.ok() ? "OK" : std::string(TapiErrorName(got));
+    CHECK_THAT(name == want, op, ": core says ", got.ToString(), ", model says ", want);
+  }
+
+  // Adds the holders the model expects for a new call; the core chose the
+  // handle values, which Reconcile learns from ListCalls.
+  void ExpectMonitors(uint64_t call_id) {
+    ModelCall& call = model_.calls.at(call_id);
+    for (uint64_t line_handle : model_.LinesOn(call.device, false)) {
+      const ModelLine& line = model_.lines.at(line_handle);
+      if (Model::Holds(call, line.app) || model_.HandlesOf(line.app) >= kMaxHandles) continue;
+      AddPending(call_id, line.app, line_handle, false);
+      model_.Event(line.app);  // AppNewCallEvent
+    }
+  }
+
+  void AddPending(uint64_t call_id, int app, uint64_t line, bool owner) {
+    // A placeholder key until Reconcile learns the real handle.
+    const uint64_t placeholder = kPlaceholderBase + next_placeholder_++;
+    model_.calls.at(call_id).holders[placeholder] = ModelHolder{app, line, owner};
+  }
+
+  void Step(Input& in) {
+    const int a = in.Byte() % kApps;
+    ModelApp& app = model_.apps[a];
+    const std::string token = TokenOf(a);
+    const bool alive = app.alive;
+    const std::string unauth = "LINEERR_UNINITIALIZED";
+    const int opcode = in.Byte() % 15;
+    switch (opcode) {
+      case 0: {  // Initialize (replaces the slot's app, if any, with a new one)
+        if (alive) return;
+        v1::InitializeRequest request;
+        request.set_app_name(in.Byte() % 8 == 0 ? std::string("bad\n") : "fuzz");
+        v1::InitializeResponse response;
+        const absl::Status status = core_.Initialize(request, &response);
+        if (request.app_name() == "fuzz") {
+          Expect(status, "OK", "Initialize");
+          app = ModelApp();
+          app.alive = true;
+          app.token = response.app_token();
+        } else {
+          Expect(status, "LINEERR_INVALAPPNAME", "Initialize");
+        }
+        return;
+      }
+      case 1: {  // LineOpen
+        v1::LineOpenRequest request;
+        const uint32_t device = in.Byte() % (kDevices + 1);
+        request.set_device_id(device);
+        const uint8_t privileges = in.Byte();
+        const bool owner = privileges & 1;
+        const bool monitor = privileges & 2;
+        const bool bad = (privileges & 28) == 28;
+        if (owner) request.add_privileges(v1::CALL_PRIVILEGE_OWNER);
+        if (monitor) request.add_privileges(v1::CALL_PRIVILEGE_MONITOR);
+        if (bad) request.add_privileges(static_cast<v1::CallPrivilege>(7));
+        v1::LineOpenResponse response;
+        const absl::Status status = core_.LineOpen(token, request, &response);
+        if (!alive) return Expect(status, unauth, "LineOpen");
+        if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "LineOpen");
+        if (bad) return Expect(status, "LINEERR_INVALPRIVSELECT", "LineOpen");
+        if (model_.LinesOf(a) >= kMaxLines)
+          return Expect(status, "LINEERR_RESOURCEUNAVAIL", "LineOpen");
+        Expect(status, "OK", "LineOpen");
+        model_.lines[response.line_handle()] =
+            ModelLine{a, device, owner, monitor, model_.next_order++};
+        return;
+      }
+      case 2: {  // LineClose
+        const uint64_t line = PickLine(in, a);
+        v1::LineCloseRequest request;
+        request.set_line_handle(line);
+        v1::LineCloseResponse response;
+        const absl::Status status = core_.LineClose(token, request, &response);
+        if (!alive) return Expect(status, unauth, "LineClose");
+        auto it = model_.lines.find(line);
+        if (it == model_.lines.end() || it->second.app != a) {
+          return Expect(status, "LINEERR_INVALLINEHANDLE", "LineClose");
+        }
+        Expect(status, "OK", "LineClose");
+        model_.CloseLine(line);
+        return;
+      }
+      case 3: {  // MakeCall
+        const uint64_t line = PickLine(in, a);
+        const uint8_t choice = in.Byte();
+        const std::string dest = choice % 8 == 0 ? "" : (choice % 2 ? "100" : "200");
+        const std::string request_id =
+            std::vector<std::string>{"", "", "r1", "r2"}[(choice >> 3) % 4];
+        v1::MakeCallRequest request;
+        request.set_line_handle(line);
+        request.set_dest_address(dest);
+        request.set_request_id(request_id);
+        v1::MakeCallResponse response;
+        const absl::Status status = core_.MakeCall(token, request, &response);
+        if (!alive) return Expect(status, unauth, "MakeCall");
+        if (!request_id.empty()) {
+          auto seen = app.requests.find(request_id);
+          if (seen != app.requests.end() && clock_.Now() - seen->second.answered >= kRequestIdTtl) {
+            app.requests.erase(seen);
+            seen = app.requests.end();
+          }
+          if (seen != app.requests.end()) {
+            if (seen->second.line != line || seen->second.dest != dest) {
+              return Expect(status, "LINEERR_INVALPARAM", "MakeCall replay");
+            }
+            Expect(status, "OK", "MakeCall replay");
+            CHECK_THAT(response.call_handle() == seen->second.handle &&
+                           response.call_id() == seen->second.call_id,
+                       "a replay returns the first response");
+            return;
+          }
+        }
+        if (dest.empty()) return Expect(status, "LINEERR_INVALADDRESS", "MakeCall");
+        auto it = model_.lines.find(line);
+        if (it == model_.lines.end() || it->second.app != a) {
+          return Expect(status, "LINEERR_INVALLINEHANDLE", "MakeCall");
+        }
+        if (model_.HandlesOf(a) >= kMaxHandles) {
+          return Expect(status, "LINEERR_RESOURCEUNAVAIL", "MakeCall");
+        }
+        Expect(status, "OK", "MakeCall");
+        CHECK_THAT(model_.calls.count(response.call_id()) == 0, "call id reused");
+        ModelCall& call = model_.calls[response.call_id()];
+        call.device = it->second.device;
+        call.holders[response.call_handle()] = ModelHolder{a, line, true};
+        ExpectMonitors(response.call_id());
+        model_.SetState(call, v1::CALL_STATE_DIALING);
+        if (!request_id.empty()) {
+          app.requests[request_id] = {line, dest, response.call_handle(), response.call_id(),
+                                      clock_.Now()};
+        }
+        return;
+      }
+      case 4:    // Drop
+      case 5:    // Answer
+      case 6: {  // DeallocateCall
+        const uint64_t handle = PickHandle(in, a);
+        return CallOp(a, token, alive, handle, opcode - 4);
+      }
+      case 7: {  // GetCallStatus / GetCallInfo through any handle
+        const uint64_t handle = PickHandle(in, a);
+        v1::GetCallStatusRequest request;
+        request.set_call_handle(handle);
+        v1::GetCallStatusResponse response;
+        const absl::Status status = core_.GetCallStatus(token, request, &response);
+        if (!alive) return Expect(status, unauth, "GetCallStatus");
+        uint64_t call_id = 0;
+        const ModelHolder* holder = Held(handle, a, &call_id);
+        if (holder == nullptr) return Expect(status, "LINEERR_INVALCALLHANDLE", "GetCallStatus");
+        Expect(status, "OK", "GetCallStatus");
+        CHECK_THAT(response.status().call_state() == model_.calls.at(call_id).state, "state");
+        return;
+      }
+      case 8: {  // GetNewCalls
+        const uint64_t line = PickLine(in, a);
+        v1::GetNewCallsRequest request;
+        request.set_line_handle(line);
+        v1::GetNewCallsResponse response;
+        const absl::Status status = core_.GetNewCalls(token, request, &response);
+        if (!alive) return Expect(status, unauth, "GetNewCalls");
+        auto it = model_.lines.find(line);
+        if (it == model_.lines.end() || it->second.app != a) {
+          return Expect(status, "LINEERR_INVALLINEHANDLE", "GetNewCalls");
+        }
+        std::vector<uint64_t> candidates;
+        for (const auto& [id, call] : model_.calls) {
+          if (call.device == it->second.device && call.state != v1::CALL_STATE_IDLE &&
+              !Model::Holds(call, a)) {
+            candidates.push_back(id);
+          }
+        }
+        if (model_.HandlesOf(a) + candidates.size() > kMaxHandles) {
+          return Expect(status, "LINEERR_RESOURCEUNAVAIL", "GetNewCalls");
+        }
+        Expect(status, "OK", "GetNewCalls");
+        CHECK_THAT(static_cast<size_t>(response.call_handles_size()) == candidates.size(),
+                   "GetNewCalls count");
+        // Which handle went to which call is learned by Reconcile.
+        for (uint64_t id : candidates) AddPending(id, a, line, false);
+        return;
+      }
+      case 9: {  // Shutdown
+        v1::ShutdownResponse response;
+        const absl::Status status = core_.Shutdown(token, {}, &response);
+        if (!alive) return Expect(status, unauth, "Shutdown");
+        Expect(status, "OK", "Shutdown");
+        ShutDownInModel(a);
+        return;
+      }
+      case 10: {  // provider OfferCall
+        const uint32_t device = in.Byte() % (kDevices + 1);
+        v1::OfferCallRequest request;
+        request.set_device_id(device);
+        request.set_caller_id("555");
+        v1::OfferCallResponse response;
+        const absl::Status status = core_.OfferCall(kProvider, request, &response);
+        if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "OfferCall");
+        Expect(status, "OK", "OfferCall");
+        ModelCall& call = model_.calls[response.call_id()];
+        call.device = device;
+        for (uint64_t line_handle : model_.LinesOn(device, true)) {
+          const ModelLine& line = model_.lines.at(line_handle);
+          if (model_.HandlesOf(line.app) >= kMaxHandles) continue;
+          AddPending(response.call_id(), line.app, line_handle, true);
+          model_.Event(line.app);
+          break;
+        }
+        ExpectMonitors(response.call_id());
+        model_.SetState(call, v1::CALL_STATE_OFFERING);
+        return;
+      }
+      case 11: {  // provider SetCallState
+        const uint64_t call_id = PickCallId(in);
+        const int state = in.Byte() % 18;  // 0 and 17 are invalid
+        v1::SetCallStateRequest request;
+        request.set_call_id(call_id);
+        request.set_call_state(static_cast<v1::CallState>(state));
+        v1::SetCallStateResponse response;
+        const absl::Status status = core_.SetCallState(kProvider, request, &response);
+        if (state == 0 || state == 17) return Expect(status, "LINEERR_INVALPARAM", "SetCallState");
+        auto it = model_.calls.find(call_id);
+        if (it == model_.calls.end())
+          return Expect(status, "LINEERR_INVALCALLHANDLE", "SetCallState");
+        if (it->second.state == v1::CALL_STATE_IDLE) {
+          return Expect(status, "LINEERR_INVALCALLSTATE", "SetCallState");
+        }
+        Expect(status, "OK", "SetCallState");
+        if (it->second.state == state) return;
+        model_.SetState(it->second, static_cast<v1::CallState>(state));
+        model_.FreeIfDone(call_id);
+        return;
+      }
+      case 12: {  // provider ForceLineClose
+        const uint32_t device = in.Byte() % (kDevices + 1);
+        v1::ForceLineCloseRequest request;
+        request.set_device_id(device);
+        v1::ForceLineCloseResponse response;
+        const absl::Status status = core_.ForceLineClose(kProvider, request, &response);
+        if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "ForceLineClose");
+        Expect(status, "OK", "ForceLineClose");
+        std::vector<std::pair<uint64_t, uint64_t>> on_device;  // order, handle
+        for (const auto& [h, line] : model_.lines) {
+          if (line.device == device) on_device.emplace_back(line.order, h);
+        }
+        std::sort(on_device.begin(), on_device.end());
+        for (const auto& [order, h] : on_device) {
+          const int owner_app = model_.lines.at(h).app;
+          model_.CloseLine(h);
+          model_.Event(owner_app);  // LineCloseEvent
+        }
+        return;
+      }
+      case 13: {  // time passes; leases run out
+        clock_.Advance(absl::Seconds(in.Byte() % 16));
+        const size_t expired = core_.ExpireIdleApps();
+        size_t model_expired = 0;
+        for (int i = 0; i < kApps; ++i) {
+          if (model_.apps[i].alive && clock_.Now() - last_activity_[i] >= kAppTtl) {
+            ShutDownInModel(i);
+            ++model_expired;
+          }
+        }
+        CHECK_THAT(expired == model_expired, "ExpireIdleApps: core ", expired, ", model ",
+                   model_expired);
+        return;
+      }
+      case 14: {  // KeepAlive
+        v1::KeepAliveResponse response;
+        const absl::Status status = core_.KeepAlive(token, {}, &response);
+        return Expect(status, alive ? "OK" : unauth, "KeepAlive");
+      }
+    }
+  }
+
+  // kind 0: Drop, 1: Answer, 2: DeallocateCall.
+  void CallOp(int a, const std::string& token, bool alive, uint64_t handle, int kind) {
+    absl::Status status;
+    if (kind == 0) {
+      v1::DropRequest request;
+      request.set_call_handle(handle);
+      v1::DropResponse response;
+      status = core_.Drop(token, request, &response);
+    } else if (kind == 1) {
+      v1::AnswerRequest request;
+      request.set_call_handle(handle);
+      v1::AnswerResponse response;
+      status = core_.Answer(token, request, &response);
+    } else {
+      v1::DeallocateCallRequest request;
+      request.set_call_handle(handle);
+      v1::DeallocateCallResponse response;
+      status = core_.DeallocateCall(token, request, &response);
+    }
+    const char* op = kind == 0 ? "Drop" : kind == 1 ? "Answer" : "DeallocateCall";
+    if (!alive) return Expect(status, "LINEERR_UNINITIALIZED", op);
+    uint64_t call_id = 0;
+    const ModelHolder* holder = Held(handle, a, &call_id);
+    if (holder == nullptr) return Expect(status, "LINEERR_INVALCALLHANDLE", op);
+    ModelCall& call = model_.calls.at(call_id);
+    if (kind == 2) {
+      if (holder->owner && call.state != v1::CALL_STATE_IDLE) {
+        return Expect(status, "LINEERR_INVALCALLSTATE", op);
+      }
+      Expect(status, "OK", op);
+      call.holders.erase(handle);
+      model_.void_handles.insert(handle);
+      model_.FreeIfDone(call_id);
+      return;
+    }
+    if (!holder->owner) return Expect(status, "LINEERR_NOTOWNER", op);
+    if (kind == 0) {
+      if (call.state == v1::CALL_STATE_IDLE) return Expect(status, "LINEERR_INVALCALLSTATE", op);
+      Expect(status, "OK", op);
+      model_.SetState(call, v1::CALL_STATE_IDLE);
+      return;
+    }
+    if (call.state != v1::CALL_STATE_OFFERING && call.state != v1::CALL_STATE_ACCEPTED) {
+      return Expect(status, "LINEERR_INVALCALLSTATE", op);
+    }
+    Expect(status, "OK", op);
+    model_.SetState(call, v1::CALL_STATE_CONNECTED);
+  }
+
+  void ShutDownInModel(int a) {
+    std::vector<uint64_t> own;
+    for (const auto& [h, line] : model_.lines) {
+      if (line.app == a) own.push_back(h);
+    }
+    for (uint64_t h : own) model_.CloseLine(h);
+    model_.apps[a].alive = false;
+  }
+
+  // Compares each live app's ListCalls with the model, learning the handle
+  // values the core chose for holders the model only knew as pending.
+  void Reconcile() {
+    for (int a = 0; a < kApps; ++a) {
+      ModelApp& app = model_.apps[a];
+      if (!app.alive) continue;
+      v1::ListCallsRequest request;
+      request.set_page_size(2);  // pages, too
+      std::vector<v1::CallHandleEntry> listed;
+      uint64_t resume = 0;
+      for (;;) {
+        v1::ListCallsResponse response;
+        CHECK_THAT(core_.ListCalls(app.token, request, &response).ok(), "ListCalls");
+        if (resume == 0) resume = response.resume_sequence();
+        for (const auto& entry : response.calls()) listed.push_back(entry);
+        if (response.next_page_token().empty()) break;
+        request.set_page_token(response.next_page_token());
+      }
+      last_activity_[a] = clock_.Now();
+      CHECK_THAT(resume == app.events + 1, "app ", a, " has ", resume - 1,
+                 " events, the model expects ", app.events);
+      // The model's holders of this app, by call id.
+      std::map<uint64_t, std::pair<uint64_t, ModelHolder>> expected;
+      for (const auto& [id, call] : model_.calls) {
+        for (const auto& [h, holder] : call.holders) {
+          if (holder.app == a) {
+            CHECK_THAT(expected.count(id) == 0, "two handles of one app to one call");
+            expected[id] = {h, holder};
+          }
+        }
+      }
+      CHECK_THAT(listed.size() == expected.size(), "app ", a, " lists ", listed.size(),
+                 " handles, the model expects ", expected.size());
+      for (const v1::CallHandleEntry& entry : listed) {
+        auto it = expected.find(entry.info().call_id());
+        CHECK_THAT(it != expected.end(), "unexpected handle to call ", entry.info().call_id());
+        const auto& [model_handle, holder] = it->second;
+        const ModelCall& call = model_.calls.at(entry.info().call_id());
+        CHECK_THAT(entry.info().line_handle() == holder.line, "line of handle");
+        CHECK_THAT((entry.status().call_privilege() == v1::CALL_PRIVILEGE_OWNER) == holder.owner,
+                   "privilege of handle");
+        CHECK_THAT(entry.status().call_state() == call.state, "state of call ",
+                   entry.info().call_id());
+        CHECK_THAT(entry.info().line_device_id() == call.device, "device of call");
+        if (model_handle >= kPlaceholderBase) {
+          // Learn the real handle; it must be new.
+          CHECK_THAT(!model_.void_handles.count(entry.call_handle()), "a void handle came back");
+          ModelCall& mutable_call = model_.calls.at(entry.info().call_id());
+          mutable_call.holders.erase(model_handle);
+          mutable_call.holders[entry.call_handle()] = holder;
+        } else {
+          CHECK_THAT(entry.call_handle() == model_handle, "handle value");
+        }
+      }
+    }
+    // Void handles stay void, for everyone.
+    for (uint64_t h : model_.void_handles) {
+      for (int a = 0; a < kApps; ++a) {
+        if (!model_.apps[a].alive) continue;
+        v1::GetCallInfoRequest request;
+        request.set_call_handle(h);
+        v1::GetCallInfoResponse response;
+        const absl::Status status = core_.GetCallInfo(model_.apps[a].token, request, &response);
+        CHECK_THAT(TapiErrorName(status) == "LINEERR_INVALCALLHANDLE", "void handle ", h,
+                   " answered ", status.ToString());
+      }
+    }
+    // Live counts.
+    const CoreStats stats = core_.Stats();
+    size_t live_apps = 0, handles = 0;
+    for (const ModelApp& app : model_.apps) live_apps += app.alive;
+    for (const auto& [id, call] : model_.calls) handles += call.holders.size();
+    CHECK_THAT(stats.live.apps == live_apps, "apps");
+    CHECK_THAT(stats.live.lines == model_.lines.size(), "lines");
+    CHECK_THAT(stats.live.calls == model_.calls.size(), "calls: core ", stats.live.calls,
+               ", model ", model_.calls.size());
+    CHECK_THAT(stats.live.call_handles == handles, "handles");
+  }
+
+  static constexpr uint64_t kPlaceholderBase = uint64_t{1} << 62;
+  uint64_t next_placeholder_ = 0;
+  FakeClock clock_;
+  CallSessionCore core_;
+  Model model_;
+  absl::Time last_activity_[kApps];
+};
+
+}  // namespace
+}  // namespace callsession
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static const bool quiet = [] {
+    callsession::SetLogLevel(callsession::LogLevel::kError);
+    return true;
+  }();
+  (void)quiet;
+  callsession::Input input(data, size);
+  callsession::Harness harness;
+  harness.Run(input);
+  return 0;
+}
