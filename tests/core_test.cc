@@ -426,6 +426,40 @@ TEST_F(QuotaTest, ARequestIdIsForgottenAfterItsTtl) {
   EXPECT_EQ(core_.Stats().calls_created, 2u);
 }
 
+// Regression (found by ThreadSanitizer in ConcurrentLifecyclesLeaveNothingBehind):
+// DeallocateCall touched its handle's line after removing the handle from the
+// store, so a ForceLineClose voiding that line could skip the handle, finish
+// and free the line first. Under TSan or ASan this fails within a few hundred
+// rounds if the order is wrong.
+TEST_F(CoreTest, DeallocateRacingForceLineCloseNeverTouchesAFreedLine) {
+  constexpr int kRounds = 3000;
+  std::atomic<bool> done{false};
+  std::thread closer([&] {
+    v1::ForceLineCloseRequest request;
+    request.set_device_id(2);
+    v1::ForceLineCloseResponse response;
+    while (!done.load())
+      ASSERT_THAT(core_.ForceLineClose(kProviderToken, request, &response), IsOk());
+  });
+  const std::string app = Init("a");
+  int deallocated = 0;
+  for (int i = 0; i < kRounds; ++i) {
+    const uint64_t line = Open(app, 2);
+    auto call = Make(app, line);
+    if (!call.ok()) continue;  // the line was force-closed already
+    if (!Drop(app, call->call_handle()).ok()) continue;
+    deallocated += Deallocate(app, call->call_handle()).ok();
+  }
+  done = true;
+  closer.join();
+  EXPECT_GT(deallocated, 0);
+  v1::ShutdownResponse response;
+  ASSERT_THAT(core_.Shutdown(app, v1::ShutdownRequest(), &response), IsOk());
+  const CoreStats stats = core_.Stats();
+  EXPECT_EQ(stats.live.call_handles, 0u);
+  EXPECT_EQ(stats.calls_created, stats.calls_freed);
+}
+
 // Many apps at once place, read, drop and deallocate calls, while the
 // provider offers calls and force-closes lines and apps close lines and shut
 // down. Every operation must either succeed or fail with an expected TAPI

@@ -288,8 +288,8 @@ uint64_t CallSessionCore::AddHolderLocked(const CallRef& call, Line& line,
   return handle;
 }
 
-void CallSessionCore::RemoveHolderLocked(Call& call, size_t index) {
-  ReleaseCallHandles(*call.holders[index].app(), 1);
+void CallSessionCore::RemoveHolderLocked(Call& call, size_t index, App& app) {
+  ReleaseCallHandles(app, 1);
   store_->RemoveCallHandle(call.holders[index].handle);
   call.holders.erase(call.holders.begin() + index);
   call_handles_voided_.fetch_add(1, std::memory_order_relaxed);
@@ -425,7 +425,7 @@ void CallSessionCore::VoidHandlesOfClosedLine(const std::vector<uint64_t>& handl
                              [handle](const Holder& h) { return h.handle == handle; });
       if (it == call->holders.end()) continue;
       const bool drop = IsSoleOwnerLocked(*call, *it) && call->state != v1::CALL_STATE_IDLE;
-      RemoveHolderLocked(*call, it - call->holders.begin());
+      RemoveHolderLocked(*call, it - call->holders.begin(), *it->app());
       if (drop) {
         SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
         calls_dropped_by_line_close_.fetch_add(1, std::memory_order_relaxed);
@@ -789,13 +789,18 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
                        "the sole owner of a call that is not IDLE must drop it "
                        "before deallocating");
     }
-    Line& line = *holder->line();
-    RemoveHolderLocked(*call, holder - call->holders.data());
+    // Erasing the handle from its line is the last use of the line: until
+    // then a closer of the line either has not snapshotted its handles (and
+    // will include this one) or has, and then finds this handle in the store
+    // and waits for the call's lock; so the line is alive. After it, a closer
+    // may skip this handle and free the line at once.
     {
+      Line& line = *holder->line();
       absl::MutexLock line_lock(&line.mu);
       line.call_handles.erase(request.call_handle());
       ShrinkIfSparse(line.call_handles);
     }
+    RemoveHolderLocked(*call, holder - call->holders.data(), *app);
     free_call = MarkFreedIfDoneLocked(*call);
   }
   if (free_call) FreeCall(*call);

@@ -213,9 +213,11 @@ class CallSessionCore {
   // line.app's quota must be reserved.
   uint64_t AddHolderLocked(const CallRef& call, Line& line, v1::CallPrivilege privilege)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
-  // Removes holders[index] and its handle from the store (not from its
-  // line's set: the caller does that, or the line is closing).
-  void RemoveHolderLocked(Call& call, size_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
+  // Removes holders[index], whose app is `app`, and its handle from the
+  // store (not from its line's set: the caller does that, or the line is
+  // closing). Does not touch the holder's line, which may already be gone.
+  void RemoveHolderLocked(Call& call, size_t index, App& app)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
   void SetStateLocked(Call& call, v1::CallState state, EventPublisher& events)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
   void PushNewCallLocked(const Call& call, const Holder& holder, EventPublisher& events)
