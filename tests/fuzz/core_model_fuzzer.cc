@@ -117,6 +117,12 @@ struct Model {
     }
     return n;
   }
+  // App `app`'s open line `handle`, or nullptr (another app's, closed, or
+  // never issued: all LINEERR_INVALLINEHANDLE).
+  const ModelLine* OwnLine(uint64_t handle, int app) const {
+    auto it = lines.find(handle);
+    return it != lines.end() && it->second.app == app ? &it->second : nullptr;
+  }
   size_t LinesOf(int app) const {
     size_t n = 0;
     for (const auto& [h, line] : lines) n += line.app == app;
@@ -336,10 +342,8 @@ class Harness {
         v1::LineCloseResponse response;
         const absl::Status status = core_.LineClose(token, request, &response);
         if (!alive) return Expect(status, unauth, "LineClose");
-        auto it = model_.lines.find(line);
-        if (it == model_.lines.end() || it->second.app != a) {
-          return Expect(status, "LINEERR_INVALLINEHANDLE", "LineClose");
-        }
+        const ModelLine* own = model_.OwnLine(line, a);
+        if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "LineClose");
         Expect(status, "OK", "LineClose");
         model_.CloseLine(line);
         return;
@@ -375,17 +379,15 @@ class Harness {
           }
         }
         if (dest.empty()) return Expect(status, "LINEERR_INVALADDRESS", "MakeCall");
-        auto it = model_.lines.find(line);
-        if (it == model_.lines.end() || it->second.app != a) {
-          return Expect(status, "LINEERR_INVALLINEHANDLE", "MakeCall");
-        }
+        const ModelLine* own = model_.OwnLine(line, a);
+        if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "MakeCall");
         if (model_.HandlesOf(a) >= kMaxHandles) {
           return Expect(status, "LINEERR_RESOURCEUNAVAIL", "MakeCall");
         }
         Expect(status, "OK", "MakeCall");
         CHECK_THAT(model_.calls.count(response.call_id()) == 0, "call id reused");
         ModelCall& call = model_.calls[response.call_id()];
-        call.device = it->second.device;
+        call.device = own->device;
         call.holders[response.call_handle()] = ModelHolder{a, line, true};
         ExpectMonitors(response.call_id());
         model_.SetState(call, v1::CALL_STATE_DIALING);
@@ -422,13 +424,11 @@ class Harness {
         v1::GetNewCallsResponse response;
         const absl::Status status = core_.GetNewCalls(token, request, &response);
         if (!alive) return Expect(status, unauth, "GetNewCalls");
-        auto it = model_.lines.find(line);
-        if (it == model_.lines.end() || it->second.app != a) {
-          return Expect(status, "LINEERR_INVALLINEHANDLE", "GetNewCalls");
-        }
+        const ModelLine* own = model_.OwnLine(line, a);
+        if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "GetNewCalls");
         std::vector<uint64_t> candidates;
         for (const auto& [id, call] : model_.calls) {
-          if (call.device == it->second.device && call.state != v1::CALL_STATE_IDLE &&
+          if (call.device == own->device && call.state != v1::CALL_STATE_IDLE &&
               !Model::Holds(call, a)) {
             candidates.push_back(id);
           }
