@@ -8,10 +8,13 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "callsession/storage/v1/records.pb.h"
 #include "google/protobuf/duration.pb.h"
 #include "google/protobuf/timestamp.pb.h"
 #include "server/core/handle_table.h"
+#include "server/core/journal_records.h"
 #include "server/core/log.h"
+#include "server/core/sha256.h"
 #include "server/core/status_macros.h"
 #include "server/core/tapi_error.h"
 
@@ -86,14 +89,6 @@ void AppendHex(const uint8_t* data, size_t size, std::string* out) {
   }
 }
 
-// Compares without an early exit, so the time taken does not tell an
-// attacker how much of a guessed secret was right.
-bool ConstantTimeEquals(const uint8_t* a, const uint8_t* b, size_t size) {
-  volatile uint8_t diff = 0;
-  for (size_t i = 0; i < size; ++i) diff = diff | (a[i] ^ b[i]);
-  return diff == 0;
-}
-
 absl::StatusOr<std::array<uint8_t, 16>> RandomSecret() {
   std::array<uint8_t, 16> secret;
   size_t filled = 0;
@@ -151,7 +146,225 @@ bool IsSoleOwnerLocked(const Call& call, const Holder& holder) ABSL_SHARED_LOCKS
          CountLocked(call, v1::CALL_PRIVILEGE_OWNER) == 1;
 }
 
+// Journal tuning. A handle floor is reserved this far ahead, so the floor
+// record is rewritten about once per 65536 handles of a kind.
+constexpr uint64_t kHandleFloorBlock = uint64_t{1} << 16;
+// Evicted events are deleted from the journal in ranges of at least this.
+constexpr uint64_t kEventDeleteBatch = 256;
+// The delivery cursor is stored with an app's events once it moved this far.
+constexpr uint64_t kCursorStoreLag = 64;
+
+std::string EncodeApp(const App& app) {
+  storage::v1::AppRecord record;
+  record.set_app_handle(app.handle);
+  record.set_app_name(app.name);
+  record.set_secret_sha256(app.secret_sha256.data(), app.secret_sha256.size());
+  return record.SerializeAsString();
+}
+
+std::string EncodeLine(const Line& line) {
+  storage::v1::LineRecord record;
+  record.set_line_handle(line.handle);
+  record.set_app_handle(line.app->handle);
+  record.set_device_id(line.device->id);
+  record.set_owner(line.owner);
+  record.set_monitor(line.monitor);
+  record.set_open_order(line.open_order);
+  return record.SerializeAsString();
+}
+
+std::string EncodeCall(const Call& call) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+  storage::v1::CallRecord record;
+  record.set_call_id(call.id);
+  record.set_device_id(call.device_id);
+  record.set_origin(call.origin());
+  const absl::string_view caller = call.caller_id();
+  const absl::string_view called = call.called_id();
+  record.set_caller_id(caller.data(), caller.size());
+  record.set_called_id(called.data(), called.size());
+  record.set_create_time_ns(call.create_time_ns());
+  record.set_state(call.state);
+  record.set_state_entry_time_ns(call.state_entry_time_ns);
+  record.set_connected(call.connected);
+  for (const Holder& holder : call.holders) {
+    storage::v1::HolderRecord* h = record.add_holders();
+    h->set_call_handle(holder.handle);
+    h->set_line_handle(holder.line()->handle);
+    h->set_privilege(holder.privilege());
+  }
+  return record.SerializeAsString();
+}
+
+std::string EncodeRequest(const IdempotentMakeCall& entry) {
+  storage::v1::RequestRecord record;
+  record.set_line_handle(entry.line_handle);
+  record.set_dest_address(entry.dest_address);
+  record.set_call_handle(entry.call_handle);
+  record.set_call_id(entry.call_id);
+  record.set_answered_time_ns(absl::ToUnixNanos(entry.answered));
+  return record.SerializeAsString();
+}
+
+std::string EncodeHandleFloor(uint64_t reserved_below) {
+  storage::v1::HandleFloorRecord record;
+  record.set_reserved_below(reserved_below);
+  return record.SerializeAsString();
+}
+
+std::string EncodeCursor(uint64_t next_sequence) {
+  storage::v1::CursorRecord record;
+  record.set_next_sequence(next_sequence);
+  return record.SerializeAsString();
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// Change: the effects of one change, appended to the journal as one entry.
+
+// Collects what one change did under its locks (records written or deleted,
+// handles issued, events raised) and, in Commit, appends it as one journal
+// entry while those locks are still held: events get their sequence numbers
+// there, in journal order. Without a journal, events go to their queues at
+// once, records are not kept and Commit does nothing. Used on one thread.
+class CallSessionCore::Change {
+ public:
+  Change(CallSessionCore& core, EventPublisher& publisher)
+      : core_(core), journaled_(core.journal_ != nullptr), publisher_(publisher) {}
+  Change(const Change&) = delete;
+  Change& operator=(const Change&) = delete;
+
+  void PutApp(const App& app) {
+    if (journaled_) Put(AppKey(app.handle), EncodeApp(app));
+  }
+  void PutLine(const Line& line) {
+    if (journaled_) Put(LineKey(line.handle), EncodeLine(line));
+  }
+  void DeleteLine(uint64_t line_handle) {
+    if (journaled_) records_.push_back({Record::kDelete, LineKey(line_handle), {}});
+  }
+  // Call with the call's final state for this change (once, last).
+  void PutCall(const Call& call) ABSL_SHARED_LOCKS_REQUIRED(call.mu) {
+    if (journaled_) Put(CallKey(call.id), EncodeCall(call));
+  }
+  void DeleteCall(uint64_t call_id) {
+    if (journaled_) records_.push_back({Record::kDelete, CallKey(call_id), {}});
+  }
+  void PutRequest(uint64_t app_handle, const std::string& request_id,
+                  const IdempotentMakeCall& entry) {
+    if (journaled_) Put(RequestKey(app_handle, request_id), EncodeRequest(entry));
+  }
+  void DeleteRequest(uint64_t app_handle, const std::string& request_id) {
+    if (journaled_) {
+      records_.push_back({Record::kDelete, RequestKey(app_handle, request_id), {}});
+    }
+  }
+  // A handle of `kind` was issued: the handle floor must cover it.
+  void Issued(HandleKind kind, uint64_t handle) {
+    if (journaled_) issued_.push_back({kind, handle});
+  }
+  void PushEvent(App& app, v1::Event event) {
+    if (journaled_) {
+      events_.push_back({&app, std::move(event)});
+    } else {
+      publisher_.Push(app.events, std::move(event));
+    }
+  }
+  // The app is gone: its record, events, request ids and cursor are
+  // deleted, its queue closed and its stream ended (once durable).
+  void RemoveApp(App& app) {
+    if (journaled_) {
+      removed_app_ = &app;
+    } else if (std::shared_ptr<EventSink> sink = app.events.Close()) {
+      publisher_.End(std::move(sink), 0);
+    }
+  }
+  // Stores the app's delivery cursor.
+  void PutCursor(App& app) {
+    if (journaled_) cursor_app_ = &app;
+  }
+
+  // Appends everything as one entry. Call once, with the locks of
+  // everything the change touched still held.
+  void Commit() {
+    if (!journaled_ || (records_.empty() && issued_.empty() && events_.empty() &&
+                        removed_app_ == nullptr && cursor_app_ == nullptr)) {
+      return;
+    }
+    absl::MutexLock lock(&core_.journal_mu_);
+    core_.journal_->Append([&](JournalWriter& writer, uint64_t position) {
+      core_.journal_mu_.AssertHeld();
+      for (const auto& [kind, handle] : issued_) {
+        uint64_t& floor = core_.handle_floor_[static_cast<int>(kind)];
+        if (handle >= floor) {
+          floor = handle + kHandleFloorBlock;
+          writer.Put(HandleFloorKey(kind), EncodeHandleFloor(floor));
+        }
+      }
+      for (const Record& record : records_) {
+        if (record.kind == Record::kPut) {
+          writer.Put(record.key, record.value);
+        } else {
+          writer.Delete(record.key);
+        }
+      }
+      absl::InlinedVector<App*, 4> touched;
+      std::string stored;
+      for (auto& [app, event] : events_) {
+        EventQueue::Pushed pushed = app->events.Push(std::move(event), position, &stored);
+        if (pushed.sequence == 0) continue;  // the app is gone
+        writer.Put(EventKey(app->handle, pushed.sequence), stored);
+        if (pushed.wake != nullptr) publisher_.Wake(std::move(pushed.wake), position);
+        if (std::find(touched.begin(), touched.end(), app) == touched.end()) touched.push_back(app);
+      }
+      for (App* app : touched) {
+        if (auto evicted = app->events.TakeEvictedRange(kEventDeleteBatch)) {
+          writer.DeleteRange(EventKey(app->handle, evicted->first),
+                             EventKey(app->handle, evicted->second));
+        }
+        if (auto cursor = app->events.TakeCursorToStore(kCursorStoreLag)) {
+          writer.Put(CursorKey(app->handle), EncodeCursor(*cursor));
+        }
+      }
+      if (cursor_app_ != nullptr) {
+        if (auto cursor = cursor_app_->events.TakeCursorToStore(1)) {
+          writer.Put(CursorKey(cursor_app_->handle), EncodeCursor(*cursor));
+        }
+      }
+      if (removed_app_ != nullptr) {
+        const uint64_t handle = removed_app_->handle;
+        writer.Delete(AppKey(handle));
+        writer.Delete(CursorKey(handle));
+        writer.DeleteRange(AppRangeBegin(RecordKind::kEvent, handle),
+                           AppRangeEnd(RecordKind::kEvent, handle));
+        writer.DeleteRange(AppRangeBegin(RecordKind::kRequest, handle),
+                           AppRangeEnd(RecordKind::kRequest, handle));
+        if (std::shared_ptr<EventSink> sink = removed_app_->events.Close()) {
+          publisher_.End(std::move(sink), position);
+        }
+      }
+    });
+  }
+
+ private:
+  struct Record {
+    enum Kind { kPut, kDelete } kind;
+    std::string key;
+    std::string value;
+  };
+  void Put(std::string key, std::string value) {
+    records_.push_back({Record::kPut, std::move(key), std::move(value)});
+  }
+
+  CallSessionCore& core_;
+  const bool journaled_;
+  EventPublisher& publisher_;
+  absl::InlinedVector<Record, 2> records_;
+  absl::InlinedVector<std::pair<HandleKind, uint64_t>, 2> issued_;
+  absl::InlinedVector<std::pair<App*, v1::Event>, 2> events_;
+  App* removed_app_ = nullptr;
+  App* cursor_app_ = nullptr;
+};
 
 absl::Status ValidateCoreOptions(const CoreOptions& options) {
   if (options.num_devices < 1 || options.num_devices > kMaxDevices) {
@@ -194,12 +407,23 @@ EventSubscription::~EventSubscription() {
   // The lease runs from the moment the stream ends.
   app_->last_activity_ns.store(absl::ToUnixNanos(core_->options_.clock->Now()),
                                std::memory_order_relaxed);
+  core_->StoreCursor(*app_);
 }
 
-bool EventSubscription::Next(v1::Event* event) { return app_->events.Next(sink_.get(), event); }
+bool EventSubscription::Next(v1::Event* event) {
+  uint64_t blocked_at = 0;
+  if (app_->events.Next(sink_.get(), event, &blocked_at)) return true;
+  if (blocked_at != 0) {
+    // The next event waits for its journal entry; WhenDurable never runs
+    // this on our thread, which may hold the stream's own lock.
+    core_->journal_->WhenDurable(blocked_at, [sink = sink_]() { sink->OnEventsAvailable(); });
+  }
+  return false;
+}
 
 CallSessionCore::CallSessionCore(CoreOptions options, std::unique_ptr<SessionStore> store)
     : options_(std::move(options)),
+      journal_(options_.journal),
       store_(store != nullptr ? std::move(store) : NewShardedMemoryStore(options_.shards)) {
   devices_.reserve(options_.num_devices);
   for (uint32_t id = 0; id < options_.num_devices; ++id) {
@@ -223,7 +447,10 @@ absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(absl::string_
   uint64_t handle = 0;
   for (uint8_t byte : handle_bytes) handle = handle << 8 | byte;
   std::shared_ptr<App> app = store_->FindApp(handle);
-  if (app == nullptr || !ConstantTimeEquals(app->secret.data(), secret.data(), secret.size())) {
+  if (app == nullptr) return Unauthenticated("unknown app token");
+  const Sha256Digest digest =
+      Sha256(absl::string_view(reinterpret_cast<const char*>(secret.data()), secret.size()));
+  if (!ConstantTimeEquals(app->secret_sha256.data(), digest.data(), digest.size())) {
     return Unauthenticated("unknown app token");
   }
   if (options_.app_ttl > absl::ZeroDuration()) {
@@ -276,9 +503,10 @@ v1::Event CallSessionCore::NewEvent() const {
   return event;
 }
 
-uint64_t CallSessionCore::AddHolderLocked(const CallRef& call, Line& line,
-                                          CallPrivilege privilege) {
+uint64_t CallSessionCore::AddHolderLocked(const CallRef& call, Line& line, CallPrivilege privilege,
+                                          Change& change) {
   const uint64_t handle = store_->AddCallHandle(call);
+  change.Issued(HandleKind::kCallHandle, handle);
   call->holders.push_back(Holder(handle, &line, privilege));
   {
     absl::MutexLock lock(&line.mu);
@@ -295,37 +523,35 @@ void CallSessionCore::RemoveHolderLocked(Call& call, size_t index, App& app) {
   call_handles_voided_.fetch_add(1, std::memory_order_relaxed);
 }
 
-void CallSessionCore::SetStateLocked(Call& call, CallState state, EventPublisher& events) {
+void CallSessionCore::SetStateLocked(Call& call, CallState state, Change& change) {
   call.state = state;
   call.state_entry_time_ns = absl::ToUnixNanos(options_.clock->Now());
   if (state == v1::CALL_STATE_CONNECTED) call.connected = true;
   for (const Holder& holder : call.holders) {
     v1::Event event = NewEvent();
-    v1::CallStateEvent* change = event.mutable_call_state();
-    change->set_call_handle(holder.handle);
-    change->set_call_state(state);
-    events.Push(holder.app()->events, std::move(event));
+    v1::CallStateEvent* state_change = event.mutable_call_state();
+    state_change->set_call_handle(holder.handle);
+    state_change->set_call_state(state);
+    change.PushEvent(*holder.app(), std::move(event));
   }
 }
 
-void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder,
-                                        EventPublisher& events) {
+void CallSessionCore::PushNewCallLocked(const Call& call, const Holder& holder, Change& change) {
   v1::Event event = NewEvent();
   v1::AppNewCallEvent* new_call = event.mutable_app_new_call();
   new_call->set_line_handle(holder.line()->handle);
   new_call->set_call_handle(holder.handle);
   new_call->set_call_privilege(holder.privilege());
   new_call->set_call_id(call.id);
-  events.Push(holder.app()->events, std::move(event));
+  change.PushEvent(*holder.app(), std::move(event));
 }
 
-void CallSessionCore::AddMonitorsLocked(const CallRef& call, Device& device,
-                                        EventPublisher& events) {
+void CallSessionCore::AddMonitorsLocked(const CallRef& call, Device& device, Change& change) {
   for (const auto& [order, monitor_line] : device.monitor_lines) {
     App& app = *monitor_line->app;
     if (HoldsLocked(*call, &app) || !ReserveCallHandles(app, 1)) continue;
-    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR);
-    PushNewCallLocked(*call, call->holders.back(), events);
+    AddHolderLocked(call, *monitor_line, v1::CALL_PRIVILEGE_MONITOR, change);
+    PushNewCallLocked(*call, call->holders.back(), change);
   }
 }
 
@@ -424,16 +650,36 @@ void CallSessionCore::VoidHandlesOfClosedLine(const std::vector<uint64_t>& handl
       auto it = std::find_if(call->holders.begin(), call->holders.end(),
                              [handle](const Holder& h) { return h.handle == handle; });
       if (it == call->holders.end()) continue;
+      Change change(*this, events);
       const bool drop = IsSoleOwnerLocked(*call, *it) && call->state != v1::CALL_STATE_IDLE;
       RemoveHolderLocked(*call, it - call->holders.begin(), *it->app());
       if (drop) {
-        SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
+        SetStateLocked(*call, v1::CALL_STATE_IDLE, change);
         calls_dropped_by_line_close_.fetch_add(1, std::memory_order_relaxed);
       }
       free_call = MarkFreedIfDoneLocked(*call);
+      if (free_call) {
+        change.DeleteCall(call->id);
+      } else {
+        change.PutCall(*call);
+      }
+      change.Commit();
     }
     if (free_call) FreeCall(*call);
   }
+}
+
+void CallSessionCore::FinishClosingLine(Line& line, const std::vector<uint64_t>& handles,
+                                        bool forced, EventPublisher& events) {
+  VoidHandlesOfClosedLine(handles, events);
+  Change change(*this, events);
+  change.DeleteLine(line.handle);
+  if (forced) {
+    v1::Event event = NewEvent();
+    event.mutable_line_close()->set_line_handle(line.handle);
+    change.PushEvent(*line.app, std::move(event));
+  }
+  change.Commit();
 }
 
 bool CallSessionCore::CloseLine(Line& line, EventPublisher& events) {
@@ -442,7 +688,7 @@ bool CallSessionCore::CloseLine(Line& line, EventPublisher& events) {
     absl::MutexLock lock(&line.device->mu);
     if (!DetachLineLocked(line, &handles)) return false;
   }
-  VoidHandlesOfClosedLine(handles, events);
+  FinishClosingLine(line, handles, false, events);
   return true;
 }
 
@@ -458,6 +704,9 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
         absl::StrCat("app_name must be at most ", kMaxAppNameBytes, " printable ASCII bytes"));
   }
   CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
+  const Sha256Digest secret_sha256 =
+      Sha256(absl::string_view(reinterpret_cast<const char*>(secret.data()), secret.size()));
+  EventPublisher events(journal_);
   uint64_t handle = 0;
   {
     absl::MutexLock lock(&apps_mu_);
@@ -467,11 +716,17 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
     }
     std::shared_ptr<App> app;
     handle = store_->AddApp([&](uint64_t handle) {
-      app = std::make_shared<App>(handle, name, secret, options_.event_buffer);
+      app = std::make_shared<App>(handle, name, secret_sha256, options_.event_buffer, journal_);
       app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()),
                                   std::memory_order_relaxed);
       return app;
     });
+    // Under apps_mu_: nothing can shut the app down (and journal its
+    // removal) before its record is appended.
+    Change change(*this, events);
+    change.Issued(HandleKind::kApp, handle);
+    change.PutApp(*app);
+    change.Commit();
     apps_.emplace(handle, std::move(app));
   }
   uint8_t handle_bytes[8];
@@ -504,9 +759,9 @@ bool CallSessionCore::LeaseExpiredLocked(const App& app, absl::Time now) const {
 
 bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_expired,
                                   absl::string_view why) {
-  std::shared_ptr<EventSink> sink;
   {
-    EventPublisher events;
+    // Destroyed last: wakes the other apps' streams, then ends this one.
+    EventPublisher events(journal_);
     std::vector<uint64_t> line_handles;
     {
       absl::MutexLock lock(&app->mu);
@@ -525,10 +780,12 @@ bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_
         CloseLine(*line, events);
       }
     }
-    sink = app->events.Close();
+    // Last in the journal, so every prefix holds the app with its lines.
+    Change change(*this, events);
+    change.RemoveApp(*app);
+    change.Commit();
     events_lost_by_departed_apps_.fetch_add(app->events.lost(), std::memory_order_relaxed);
   }
-  if (sink != nullptr) sink->OnSubscriptionEnded(absl::OkStatus());
   Log(LogLevel::kInfo, "app_shut_down",
       {{"app_handle", app->handle}, {"app_name", app->name}, {"reason", why}});
   return true;
@@ -574,6 +831,7 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     }
   }
 
+  EventPublisher events(journal_);
   uint64_t handle = 0;
   {
     absl::MutexLock lock(&device->mu);
@@ -601,6 +859,10 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     device->lines.emplace(open_order, line);
     if (owner) device->owner_lines.emplace(open_order, line.get());
     if (monitor) device->monitor_lines.emplace(open_order, line.get());
+    Change change(*this, events);
+    change.Issued(HandleKind::kLine, handle);
+    change.PutLine(*line);
+    change.Commit();
   }
   response->set_line_handle(handle);
   Log(LogLevel::kDebug, "line_opened",
@@ -616,7 +878,7 @@ absl::Status CallSessionCore::LineClose(absl::string_view token,
                                         const v1::LineCloseRequest& request,
                                         v1::LineCloseResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  EventPublisher events;
+  EventPublisher events(journal_);
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   if (!CloseLine(*line, events)) return InvalidLineHandle();
   Log(LogLevel::kDebug, "line_closed",
@@ -634,9 +896,11 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCa
     return TapiError(TapiErrorCode::kInvalParam,
                      absl::StrCat("request_id is over ", kMaxRequestIdBytes, " bytes"));
   }
-  EventPublisher events;
+  EventPublisher events(journal_);
   if (request_id.empty() || options_.request_id_cache == 0) {
-    return PlaceOutboundCall(*app, request.line_handle(), request.dest_address(), response, events);
+    return PlaceOutboundCall(*app, request.line_handle(), request.dest_address(),
+                             RequestIdUpdate{nullptr, absl::InfinitePast(), nullptr}, response,
+                             events);
   }
 
   // Held across the call's creation, so that concurrent retries of one
@@ -644,11 +908,16 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCa
   absl::MutexLock lock(&app->request_mu);
   // Keys are in answer order, so the expired ones are at the front.
   const absl::Time now = options_.clock->Now();
-  while (!app->request_order.empty()) {
-    auto oldest = app->recent_requests.find(app->request_order.front());
-    if (now - oldest->second.answered < options_.request_id_ttl) break;
-    app->recent_requests.erase(oldest);
-    app->request_order.pop_front();
+  {
+    Change ageing(*this, events);
+    while (!app->request_order.empty()) {
+      auto oldest = app->recent_requests.find(app->request_order.front());
+      if (now - oldest->second.answered < options_.request_id_ttl) break;
+      ageing.DeleteRequest(app->handle, oldest->first);
+      app->recent_requests.erase(oldest);
+      app->request_order.pop_front();
+    }
+    ageing.Commit();
   }
   auto seen = app->recent_requests.find(request_id);
   if (seen != app->recent_requests.end()) {
@@ -662,21 +931,28 @@ absl::Status CallSessionCore::MakeCall(absl::string_view token, const v1::MakeCa
     response->set_call_id(first.call_id);
     return absl::OkStatus();
   }
-  CS_RETURN_IF_ERROR(
-      PlaceOutboundCall(*app, request.line_handle(), request.dest_address(), response, events));
+  // The oldest id this one pushes out of the cache: deleted in the same
+  // journal entry as the new one is written.
+  const std::string* evicted = app->request_order.size() >= options_.request_id_cache
+                                   ? &app->request_order.front()
+                                   : nullptr;
+  CS_RETURN_IF_ERROR(PlaceOutboundCall(*app, request.line_handle(), request.dest_address(),
+                                       RequestIdUpdate{&request_id, now, evicted}, response,
+                                       events));
+  if (evicted != nullptr) {
+    app->recent_requests.erase(*evicted);
+    app->request_order.pop_front();
+  }
   app->recent_requests.emplace(
       request_id, IdempotentMakeCall{request.line_handle(), request.dest_address(),
                                      response->call_handle(), response->call_id(), now});
   app->request_order.push_back(request_id);
-  if (app->request_order.size() > options_.request_id_cache) {
-    app->recent_requests.erase(app->request_order.front());
-    app->request_order.pop_front();
-  }
   return absl::OkStatus();
 }
 
 absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
                                                 const std::string& dest_address,
+                                                const RequestIdUpdate& request_id,
                                                 v1::MakeCallResponse* response,
                                                 EventPublisher& events) {
   CS_RETURN_IF_ERROR(CheckAddress("dest_address", dest_address, false));
@@ -704,9 +980,19 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   calls_created_.fetch_add(1, std::memory_order_relaxed);
 
   absl::MutexLock call_lock(&call->mu);
-  const uint64_t call_handle = AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER);
-  AddMonitorsLocked(call, device, events);
-  SetStateLocked(*call, v1::CALL_STATE_DIALING, events);
+  Change change(*this, events);
+  change.Issued(HandleKind::kCall, call_id);
+  const uint64_t call_handle = AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_OWNER, change);
+  AddMonitorsLocked(call, device, change);
+  SetStateLocked(*call, v1::CALL_STATE_DIALING, change);
+  if (request_id.request_id != nullptr) {
+    change.PutRequest(
+        app.handle, *request_id.request_id,
+        IdempotentMakeCall{line_handle, dest_address, call_handle, call_id, request_id.answered});
+    if (request_id.evicted != nullptr) change.DeleteRequest(app.handle, *request_id.evicted);
+  }
+  change.PutCall(*call);
+  change.Commit();
 
   response->set_call_handle(call_handle);
   response->set_call_id(call_id);
@@ -716,7 +1002,7 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
 absl::Status CallSessionCore::Answer(absl::string_view token, const v1::AnswerRequest& request,
                                      v1::AnswerResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  EventPublisher events;
+  EventPublisher events(journal_);
   CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
@@ -728,14 +1014,17 @@ absl::Status CallSessionCore::Answer(absl::string_view token, const v1::AnswerRe
     return TapiError(TapiErrorCode::kInvalCallState,
                      absl::StrCat("cannot answer a call in ", v1::CallState_Name(call->state)));
   }
-  SetStateLocked(*call, v1::CALL_STATE_CONNECTED, events);
+  Change change(*this, events);
+  SetStateLocked(*call, v1::CALL_STATE_CONNECTED, change);
+  change.PutCall(*call);
+  change.Commit();
   return absl::OkStatus();
 }
 
 absl::Status CallSessionCore::Drop(absl::string_view token, const v1::DropRequest& request,
                                    v1::DropResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
-  EventPublisher events;
+  EventPublisher events(journal_);
   CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
   absl::MutexLock lock(&call->mu);
   const Holder* holder = FindHolderLocked(*call, request.call_handle(), app.get());
@@ -746,7 +1035,10 @@ absl::Status CallSessionCore::Drop(absl::string_view token, const v1::DropReques
   if (call->state == v1::CALL_STATE_IDLE) {
     return TapiError(TapiErrorCode::kInvalCallState, "the call is already IDLE");
   }
-  SetStateLocked(*call, v1::CALL_STATE_IDLE, events);
+  Change change(*this, events);
+  SetStateLocked(*call, v1::CALL_STATE_IDLE, change);
+  change.PutCall(*call);
+  change.Commit();
   return absl::OkStatus();
 }
 
@@ -779,6 +1071,7 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
                                              v1::DeallocateCallResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   CS_ASSIGN_OR_RETURN(CallRef call, FindCallOfHandle(request.call_handle()));
+  EventPublisher events(journal_);
   bool free_call = false;
   {
     absl::MutexLock lock(&call->mu);
@@ -802,6 +1095,13 @@ absl::Status CallSessionCore::DeallocateCall(absl::string_view token,
     }
     RemoveHolderLocked(*call, holder - call->holders.data(), *app);
     free_call = MarkFreedIfDoneLocked(*call);
+    Change change(*this, events);
+    if (free_call) {
+      change.DeleteCall(call->id);
+    } else {
+      change.PutCall(*call);
+    }
+    change.Commit();
   }
   if (free_call) FreeCall(*call);
   call_handles_deallocated_.fetch_add(1, std::memory_order_relaxed);
@@ -814,6 +1114,7 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   Device& device = *line->device;
+  EventPublisher events(journal_);
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
   if (!line->open) return InvalidLineHandle();
@@ -846,7 +1147,10 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
     if (call->freed || call->state == v1::CALL_STATE_IDLE || HoldsLocked(*call, app.get())) {
       continue;
     }
-    response->add_call_handles(AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR));
+    Change change(*this, events);
+    response->add_call_handles(AddHolderLocked(call, *line, v1::CALL_PRIVILEGE_MONITOR, change));
+    change.PutCall(*call);
+    change.Commit();
     ++issued;
   }
   ReleaseCallHandles(*app, candidates.size() - issued);
@@ -869,7 +1173,9 @@ absl::Status CallSessionCore::ListCalls(absl::string_view token,
                                : std::min<uint32_t>(request.page_size(), kMaxPageSize);
   // Read before the calls: every change that raised an earlier event is
   // already visible to the reads below.
-  response->set_resume_sequence(app->events.next_sequence());
+  // The first event not yet durable: what a crash could take back is
+  // replayed rather than skipped.
+  response->set_resume_sequence(app->events.first_undurable_sequence());
 
   std::vector<uint64_t> line_handles;
   {
@@ -952,7 +1258,7 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
   CS_RETURN_IF_ERROR(CheckAddress("caller_id", request.caller_id(), true));
   CS_RETURN_IF_ERROR(CheckAddress("called_id", request.called_id(), true));
-  EventPublisher events;
+  EventPublisher events(journal_);
 
   absl::MutexLock device_lock(&device->mu);
   CallRef call;
@@ -965,15 +1271,19 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   calls_created_.fetch_add(1, std::memory_order_relaxed);
 
   absl::MutexLock call_lock(&call->mu);
+  Change change(*this, events);
+  change.Issued(HandleKind::kCall, call_id);
   // The earliest OWNER line whose app has room for another handle.
   for (const auto& [order, owner_line] : device->owner_lines) {
     if (!ReserveCallHandles(*owner_line->app, 1)) continue;
-    AddHolderLocked(call, *owner_line, v1::CALL_PRIVILEGE_OWNER);
-    PushNewCallLocked(*call, call->holders.back(), events);
+    AddHolderLocked(call, *owner_line, v1::CALL_PRIVILEGE_OWNER, change);
+    PushNewCallLocked(*call, call->holders.back(), change);
     break;
   }
-  AddMonitorsLocked(call, *device, events);
-  SetStateLocked(*call, v1::CALL_STATE_OFFERING, events);
+  AddMonitorsLocked(call, *device, change);
+  SetStateLocked(*call, v1::CALL_STATE_OFFERING, change);
+  change.PutCall(*call);
+  change.Commit();
   response->set_call_id(call_id);
   return absl::OkStatus();
 }
@@ -987,7 +1297,7 @@ absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
     return TapiError(TapiErrorCode::kInvalParam,
                      absl::StrCat("unknown call_state ", static_cast<int>(state)));
   }
-  EventPublisher events;
+  EventPublisher events(journal_);
   CallRef call = request.call_id() == 0 ? nullptr : store_->FindCall(request.call_id());
   if (call == nullptr) {
     return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
@@ -1002,8 +1312,15 @@ absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
       return TapiError(TapiErrorCode::kInvalCallState, "the call is IDLE; nothing leaves IDLE");
     }
     if (call->state == state) return absl::OkStatus();
-    SetStateLocked(*call, state, events);
+    Change change(*this, events);
+    SetStateLocked(*call, state, change);
     free_call = MarkFreedIfDoneLocked(*call);
+    if (free_call) {
+      change.DeleteCall(call->id);
+    } else {
+      change.PutCall(*call);
+    }
+    change.Commit();
   }
   if (free_call) FreeCall(*call);
   return absl::OkStatus();
@@ -1014,7 +1331,7 @@ absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
                                              v1::ForceLineCloseResponse* response) {
   CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
-  EventPublisher events;
+  EventPublisher events(journal_);
   std::vector<std::pair<std::shared_ptr<Line>, std::vector<uint64_t>>> closed;
   {
     absl::MutexLock lock(&device->mu);
@@ -1027,15 +1344,43 @@ absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
     }
   }
   for (auto& [line, handles] : closed) {
-    VoidHandlesOfClosedLine(handles, events);
-    v1::Event event = NewEvent();
-    event.mutable_line_close()->set_line_handle(line->handle);
-    events.Push(line->app->events, std::move(event));
+    FinishClosingLine(*line, handles, true, events);
     forced_line_closes_.fetch_add(1, std::memory_order_relaxed);
   }
   Log(LogLevel::kInfo, "forced_line_close",
       {{"device_id", device->id}, {"lines_closed", static_cast<uint64_t>(closed.size())}});
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Durability.
+
+void CallSessionCore::StoreCursor(App& app) {
+  if (journal_ == nullptr) return;
+  EventPublisher events(journal_);
+  // Under app.mu: once the app is shut down (and its removal journaled,
+  // or about to be), no cursor record may follow it.
+  absl::MutexLock lock(&app.mu);
+  if (app.shut_down) return;
+  Change change(*this, events);
+  change.PutCursor(app);
+  change.Commit();
+}
+
+void CallSessionCore::WhenChangesDurable(absl::AnyInvocable<void() &&> done) {
+  if (journal_ == nullptr) return std::move(done)();
+  // Read after the change: covers it and anything it depended on.
+  const uint64_t barrier = journal_->appended_position();
+  if (barrier <= journal_->durable_position()) return std::move(done)();
+  journal_->WhenDurable(barrier, std::move(done));
+}
+
+absl::Status CallSessionCore::Checkpoint(const std::string& dir) {
+  if (journal_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this server keeps its state in memory only (--store=memory): there is nothing to copy");
+  }
+  return journal_->Checkpoint(dir);
 }
 
 CoreStats CallSessionCore::Stats() const {
@@ -1059,6 +1404,10 @@ CoreStats CallSessionCore::Stats() const {
       stats.events_buffered += app->events.buffered();
       stats.events_lost += app->events.lost();
     }
+  }
+  if (journal_ != nullptr) {
+    stats.journaled = true;
+    stats.journal = journal_->Stats();
   }
   stats.apps_expired = apps_expired_.load(std::memory_order_relaxed);
   stats.quota_rejections = quota_rejections_.load(std::memory_order_relaxed);

@@ -8,6 +8,15 @@
 // (LINEERR_UNINITIALIZED) before any other check. A handle that belongs to
 // another application is treated exactly as one that never existed.
 //
+// Durability: with a journal (CoreOptions::journal), every change is
+// appended to it as the effects it had (records written and deleted) while
+// the locks of what changed are still held, and an event becomes
+// deliverable only once its entry is durable. Methods still return at once;
+// the caller must not acknowledge a change before it is durable: the gRPC
+// adapters reply to a mutating RPC through WhenChangesDurable. Reads
+// (GetCallInfo, GetCallStatus, ListCalls) never wait, so they may show a
+// change whose own RPC has not been answered yet.
+//
 // Thread-safe: every method may be called concurrently from any thread. No
 // method blocks on I/O; the lock order is documented in model.h.
 #ifndef CALLSESSION_SERVER_CORE_CALL_SESSION_CORE_H_
@@ -21,6 +30,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -30,6 +40,7 @@
 #include "callsession/v1/provider_service.pb.h"
 #include "server/core/clock.h"
 #include "server/core/event_queue.h"
+#include "server/core/journal.h"
 #include "server/core/model.h"
 #include "server/core/session_store.h"
 
@@ -59,6 +70,22 @@ struct CoreOptions {
   size_t max_call_handles_per_app = 0;
   // Not owned; must outlive the core.
   const Clock* clock = &RealClock();
+  // Where changes are made durable; null keeps everything in memory only.
+  // Not owned; must outlive the core. With a journal, call Recover() before
+  // anything else.
+  Journal* journal = nullptr;
+};
+
+// What Recover loaded.
+struct RecoveryCounts {
+  size_t apps = 0;
+  size_t lines = 0;
+  size_t calls = 0;
+  size_t call_handles = 0;
+  size_t events = 0;
+  size_t request_ids = 0;
+  // True if the journal was empty and Recover initialized it.
+  bool created = false;
 };
 
 // OK, or INVALID_ARGUMENT naming the first bad option.
@@ -75,7 +102,9 @@ struct CoreStats {
   uint64_t call_handles_deallocated = 0;  // by DeallocateCall
   uint64_t calls_dropped_by_line_close = 0;
   uint64_t forced_line_closes = 0;
-  size_t events_buffered = 0;     // in registered apps' buffers
+  size_t events_buffered = 0;  // in registered apps' buffers
+  bool journaled = false;      // the core has a journal; then:
+  JournalStats journal;
   uint64_t events_lost = 0;       // by registered apps' consumers, since start
   uint64_t apps_expired = 0;      // shut down by ExpireIdleApps
   uint64_t quota_rejections = 0;  // requests refused by a quota
@@ -172,11 +201,38 @@ class CallSessionCore {
   // Ends every event subscription with `why` (server shutdown).
   void EndAllSubscriptions(const absl::Status& why);
 
+  // Loads the journal's records into this new core: applications (their
+  // tokens work again), lines, calls with every handle, each application's
+  // buffered events and request ids, and where handle numbering continues,
+  // so no handle is ever issued twice. An empty journal is initialized with
+  // the format record. Never re-runs a TAPI rule: what is loaded is what
+  // was there. Call once, before any other method, from one thread; blocks
+  // on I/O. Errors: FAILED_PRECONDITION if the store was written by a newer
+  // format, or does not fit the options (a line on a device >= num_devices);
+  // DATA_LOSS for a record that does not parse or contradicts another (the
+  // message names its key); an engine's own error for I/O. On error the
+  // core must be discarded.
+  absl::StatusOr<RecoveryCounts> Recover();
+
+  // Runs `done` once every change made so far, by any thread, is durable:
+  // at once (on this thread) without a journal or if they already are,
+  // otherwise on the journal's writer thread. A mutating RPC calls this
+  // after the core returned, and replies from `done`. Must not be called
+  // with a core lock held.
+  void WhenChangesDurable(absl::AnyInvocable<void() &&> done);
+
+  // Writes a consistent copy of the stored state to `dir` (see
+  // Journal::Checkpoint). FAILED_PRECONDITION without a journal. Blocks on
+  // I/O.
+  absl::Status Checkpoint(const std::string& dir);
+
   CoreStats Stats() const;
   uint32_t num_devices() const { return options_.num_devices; }
   const CoreOptions& options() const { return options_; }
 
  private:
+  class Change;
+
   // The token's app; renews its lease.
   absl::StatusOr<std::shared_ptr<App>> Authenticate(absl::string_view token) const;
   // Shutdown's work. With `only_if_expired`, does nothing unless the app's
@@ -196,35 +252,50 @@ class CallSessionCore {
   // under the call's lock, that the app holds it (FindHolderLocked).
   absl::StatusOr<CallRef> FindCallOfHandle(uint64_t call_handle) const;
 
+  // The idempotency record a MakeCall with a request_id writes with its call.
+  struct RequestIdUpdate {
+    const std::string* request_id;  // null: none
+    absl::Time answered;
+    const std::string* evicted;  // the oldest one it pushes out, or null
+  };
   absl::Status PlaceOutboundCall(App& app, uint64_t line_handle, const std::string& dest_address,
-                                 v1::MakeCallResponse* response, EventPublisher& events);
+                                 const RequestIdUpdate& request_id, v1::MakeCallResponse* response,
+                                 EventPublisher& events);
 
   // Voids the line: no new handles, gone from its device, app and the
   // store. Returns false if it was already closed; otherwise `*handles` gets
   // the call handles opened through it, for VoidHandlesOfClosedLine.
   bool DetachLineLocked(Line& line, std::vector<uint64_t>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(line.device->mu);
-  // DetachLineLocked and VoidHandlesOfClosedLine. False if already closed.
+  // DetachLineLocked then FinishClosingLine. False if already closed.
   bool CloseLine(Line& line, EventPublisher& events);
+  // After DetachLineLocked: voids the line's `handles`, then deletes the
+  // line's record (with a LineCloseEvent to its app if `forced`). The
+  // journal sees the handles voided first and the line go last, so every
+  // prefix of it is a state with no handle on a missing line.
+  void FinishClosingLine(Line& line, const std::vector<uint64_t>& handles, bool forced,
+                         EventPublisher& events);
   // Voids each handle, dropping calls their app owned alone.
   void VoidHandlesOfClosedLine(const std::vector<uint64_t>& handles, EventPublisher& events);
+  // Records where `app`'s from_sequence-0 streams resume (a stream ended).
+  void StoreCursor(App& app);
 
   // Issues a handle to `call` for line.app through `line`; one handle of
   // line.app's quota must be reserved.
-  uint64_t AddHolderLocked(const CallRef& call, Line& line, v1::CallPrivilege privilege)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
+  uint64_t AddHolderLocked(const CallRef& call, Line& line, v1::CallPrivilege privilege,
+                           Change& change) ABSL_EXCLUSIVE_LOCKS_REQUIRED(call->mu);
   // Removes holders[index], whose app is `app`, and its handle from the
   // store (not from its line's set: the caller does that, or the line is
   // closing). Does not touch the holder's line, which may already be gone.
   void RemoveHolderLocked(Call& call, size_t index, App& app)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
-  void SetStateLocked(Call& call, v1::CallState state, EventPublisher& events)
+  void SetStateLocked(Call& call, v1::CallState state, Change& change)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(call.mu);
-  void PushNewCallLocked(const Call& call, const Holder& holder, EventPublisher& events)
+  void PushNewCallLocked(const Call& call, const Holder& holder, Change& change)
       ABSL_SHARED_LOCKS_REQUIRED(call.mu);
   // Gives every MONITOR line's app a monitor handle to a new call, unless it
   // holds one already or is at its quota.
-  void AddMonitorsLocked(const CallRef& call, Device& device, EventPublisher& events)
+  void AddMonitorsLocked(const CallRef& call, Device& device, Change& change)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(device.mu, call->mu);
   // What GetCallInfo and GetCallStatus return for `holder`.
   void FillCallInfoLocked(const Call& call, const Holder& holder, v1::CallInfo* info) const
@@ -238,7 +309,15 @@ class CallSessionCore {
 
   v1::Event NewEvent() const;
 
+  // Recovery of one record of each kind (see Recover).
+  absl::Status RecoverFormat(absl::string_view value, bool* seen);
+  absl::Status RecoverApp(uint64_t handle, absl::string_view value);
+  absl::Status RecoverLine(uint64_t handle, absl::string_view value, RecoveryCounts& counts);
+  absl::Status RecoverCall(uint64_t call_id, absl::string_view value, RecoveryCounts& counts,
+                           uint64_t& highest_handle);
+
   const CoreOptions options_;
+  Journal* const journal_;  // null: memory only
   const std::unique_ptr<SessionStore> store_;
   // One per device id; constant after construction.
   std::vector<std::unique_ptr<Device>> devices_;
@@ -252,6 +331,12 @@ class CallSessionCore {
   // Initialize, shutdown and the lease scan. A leaf lock.
   mutable absl::Mutex apps_mu_;
   absl::flat_hash_map<uint64_t, std::shared_ptr<App>> apps_ ABSL_GUARDED_BY(apps_mu_);
+
+  // Serializes journal appends (see Change::Commit), and what only
+  // appends touch: for each handle kind, every handle below this value may
+  // have been issued (the journal's HandleFloorRecord).
+  absl::Mutex journal_mu_ ABSL_ACQUIRED_AFTER(apps_mu_);
+  uint64_t handle_floor_[kHandleKinds] ABSL_GUARDED_BY(journal_mu_) = {};
 
   std::atomic<uint64_t> calls_created_{0};
   std::atomic<uint64_t> calls_freed_{0};

@@ -18,6 +18,7 @@
 #ifndef CALLSESSION_SERVER_CORE_HANDLE_TABLE_H_
 #define CALLSESSION_SERVER_CORE_HANDLE_TABLE_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -63,6 +64,25 @@ class ShardedHandleTable {
     const uint64_t handle = (shard.next_sequence++ << shard_bits_) | shard_index;
     shard.entries.emplace(handle, make(handle));
     return handle;
+  }
+
+  // Stores `value` under `handle`, issued earlier (by this table or one
+  // before a restart). Returns false, storing nothing, if it is present.
+  // Does not move the shard's sequence: see RaiseFloor.
+  bool InsertAt(uint64_t handle, V value) {
+    Shard& shard = ShardOf(handle);
+    absl::MutexLock lock(&shard.mu);
+    return shard.entries.emplace(handle, std::move(value)).second;
+  }
+
+  // Every handle issued from now on is greater than `floor`, whatever the
+  // shard count was when handles up to `floor` were issued.
+  void RaiseFloor(uint64_t floor) {
+    const uint64_t sequence = (floor >> shard_bits_) + 1;
+    for (size_t i = 0; i <= shard_mask_; ++i) {
+      absl::MutexLock lock(&shards_[i].mu);
+      shards_[i].next_sequence = std::max(shards_[i].next_sequence, sequence);
+    }
   }
 
   // A copy of the value stored under `handle`, or nullopt.

@@ -7,9 +7,14 @@
 //   3. Call::mu            a call's state and holders
 //   4. Line::mu            a line's set of call handles
 //   5. App::mu
-//   6. leaves              store shards, EventQueue, the core's app registry
+//   6. the core's app registry (apps_mu_)
+//   7. the core's journal lock (journal_mu_): a change is appended to the
+//      journal while the locks of what it changed are still held
+//   8. leaves              store shards, EventQueue, the journal's own
 // Nothing blocks or does I/O under any of them: events are pushed to queues
-// (a leaf) and sinks are woken after every lock is released.
+// (a leaf), journal entries are queued for the journal's writer thread, and
+// sinks are woken after every lock is released (with a journal, once the
+// entries they wait for are durable).
 //
 // Lifetimes: the store owns Apps, Lines and Calls through shared_ptr. A Line
 // holds its App; a Call's holders point at their Line (and so App) without
@@ -36,7 +41,9 @@
 #include "absl/time/time.h"
 #include "callsession/v1/types.pb.h"
 #include "server/core/event_queue.h"
+#include "server/core/journal.h"
 #include "server/core/ref_ptr.h"
+#include "server/core/sha256.h"
 
 namespace callsession {
 
@@ -54,14 +61,19 @@ struct IdempotentMakeCall {
 
 // A registered application.
 struct App {
-  App(uint64_t handle, std::string name, std::array<uint8_t, 16> secret,
-      size_t event_queue_capacity)
-      : handle(handle), name(std::move(name)), secret(secret), events(event_queue_capacity) {}
+  App(uint64_t handle, std::string name, const Sha256Digest& secret_sha256,
+      size_t event_queue_capacity, const Journal* journal)
+      : handle(handle),
+        name(std::move(name)),
+        secret_sha256(secret_sha256),
+        events(event_queue_capacity, journal) {}
 
   // Constant after construction.
   const uint64_t handle;
   const std::string name;
-  const std::array<uint8_t, 16> secret;  // the token's secret half
+  // SHA-256 of the token's secret half: the secret itself is kept nowhere,
+  // in memory or on disk.
+  const Sha256Digest secret_sha256;
 
   EventQueue events;
 

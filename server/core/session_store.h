@@ -21,6 +21,10 @@
 
 namespace callsession {
 
+// The four kinds of handle a store issues.
+enum class HandleKind : uint8_t { kApp = 0, kLine = 1, kCall = 2, kCallHandle = 3 };
+inline constexpr int kHandleKinds = 4;
+
 struct StoreCounts {
   size_t apps = 0;
   size_t lines = 0;
@@ -57,6 +61,15 @@ class SessionStore {
   virtual uint64_t AddCallHandle(CallRef call) = 0;
   virtual CallRef FindCallHandle(uint64_t call_handle) const = 0;
   virtual CallRef RemoveCallHandle(uint64_t call_handle) = 0;
+
+  // Recovery: each Restore stores an entry under the handle it had when it
+  // was issued (the store must not hold that handle); RaiseHandleFloor then
+  // makes every handle of `kind` issued from now on greater than `floor`.
+  virtual void RestoreApp(uint64_t app_handle, std::shared_ptr<App> app) = 0;
+  virtual void RestoreLine(uint64_t line_handle, std::shared_ptr<Line> line) = 0;
+  virtual void RestoreCall(uint64_t call_id, CallRef call) = 0;
+  virtual void RestoreCallHandle(uint64_t call_handle, CallRef call) = 0;
+  virtual void RaiseHandleFloor(HandleKind kind, uint64_t floor) = 0;
 
   // Approximate under concurrent writes.
   virtual StoreCounts Counts() const = 0;

@@ -49,6 +49,31 @@ class ShardedMemoryStore final : public SessionStore {
     return ValueOrNull(call_handles_.Erase(handle));
   }
 
+  void RestoreApp(uint64_t handle, std::shared_ptr<App> app) override {
+    apps_.InsertAt(handle, std::move(app));
+  }
+  void RestoreLine(uint64_t handle, std::shared_ptr<Line> line) override {
+    lines_.InsertAt(handle, std::move(line));
+  }
+  void RestoreCall(uint64_t call_id, CallRef call) override {
+    calls_.InsertAt(call_id, std::move(call));
+  }
+  void RestoreCallHandle(uint64_t handle, CallRef call) override {
+    call_handles_.InsertAt(handle, std::move(call));
+  }
+  void RaiseHandleFloor(HandleKind kind, uint64_t floor) override {
+    switch (kind) {
+      case HandleKind::kApp:
+        return apps_.RaiseFloor(floor);
+      case HandleKind::kLine:
+        return lines_.RaiseFloor(floor);
+      case HandleKind::kCall:
+        return calls_.RaiseFloor(floor);
+      case HandleKind::kCallHandle:
+        return call_handles_.RaiseFloor(floor);
+    }
+  }
+
   StoreCounts Counts() const override {
     return StoreCounts{apps_.size(), lines_.size(), calls_.size(), call_handles_.size()};
   }

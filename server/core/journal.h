@@ -1,0 +1,101 @@
+// Journal: where the core writes the effects of its changes so that they
+// survive a crash, and learns when they have.
+//
+// The core knows only this interface; each engine (the embedded RocksDB
+// store in server/storage/rocksdb, and later a replicated one) implements
+// it in its own folder. An entry is the records one change wrote or
+// deleted; entries are made durable in the order they were appended, as
+// atomic units (an engine may write several entries in one atomic batch:
+// group commit). Positions number entries 1, 2, 3... within one process;
+// everything loaded at start counts as position 0.
+//
+// Ordering contract: the caller appends an entry while it still holds the
+// locks of everything the entry's records describe, and serializes Append
+// calls itself (CallSessionCore holds its journal lock around them). So the
+// journal's order is consistent with every lock, every prefix of it is a
+// state memory could have been in, and a key's last record is its state.
+#ifndef CALLSESSION_SERVER_CORE_JOURNAL_H_
+#define CALLSESSION_SERVER_CORE_JOURNAL_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace callsession {
+
+// Receives the records of one entry.
+class JournalWriter {
+ public:
+  virtual void Put(absl::string_view key, absl::string_view value) = 0;
+  virtual void Delete(absl::string_view key) = 0;
+  // Deletes every key in [begin, end).
+  virtual void DeleteRange(absl::string_view begin, absl::string_view end) = 0;
+
+ protected:
+  ~JournalWriter() = default;
+};
+
+// Counters since the journal was opened. Approximate under concurrency.
+struct JournalStats {
+  uint64_t entries = 0;  // appended
+  uint64_t batches = 0;  // atomic writes (each holds one or more entries)
+  uint64_t bytes = 0;    // bytes of those writes
+};
+
+// Told about each batch once it is durable (for metrics). Called on the
+// journal's writer thread; must not block.
+class JournalObserver {
+ public:
+  virtual ~JournalObserver() = default;
+  // `latency`: from the batch's first entry being appended to its being
+  // durable (queueing, write and sync).
+  virtual void OnBatchDurable(absl::Duration latency, uint64_t entries, uint64_t bytes) = 0;
+};
+
+class Journal {
+ public:
+  using Visitor = absl::FunctionRef<absl::Status(absl::string_view key, absl::string_view value)>;
+
+  virtual ~Journal() = default;
+
+  // Calls `visit` for every stored record in key order, stopping at the
+  // first error, which it returns. Called at start, before any Append.
+  virtual absl::Status Load(Visitor visit) = 0;
+
+  // Appends one entry: `write` puts its records and is told the entry's
+  // position. Returns that position. Never blocks on I/O. Callers serialize
+  // calls (see the ordering contract above).
+  virtual uint64_t Append(
+      absl::FunctionRef<void(JournalWriter& writer, uint64_t position)> write) = 0;
+
+  // The position of the last entry appended, and of the last one durable
+  // (it and every earlier one survive a crash). Any thread.
+  virtual uint64_t appended_position() const = 0;
+  virtual uint64_t durable_position() const = 0;
+
+  // Runs `done` once the entry at `position` is durable: at once, on the
+  // calling thread, if it already is; otherwise on the journal's writer
+  // thread. `done` must not block. Any thread.
+  virtual void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) = 0;
+
+  // Writes a consistent copy of the stored records (a prefix of the
+  // journal) to the directory `dir`, which must not exist yet; it can be
+  // opened as a store of its own. Errors: INVALID_ARGUMENT if `dir` exists
+  // or is not absolute, FAILED_PRECONDITION if the engine cannot copy,
+  // INTERNAL on an I/O error. Any thread; may block on I/O.
+  virtual absl::Status Checkpoint(const std::string& dir) = 0;
+
+  // Sets the observer (not owned; null to stop). Before the first Append.
+  virtual void SetObserver(JournalObserver* observer) = 0;
+
+  virtual JournalStats Stats() const = 0;
+};
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_SERVER_CORE_JOURNAL_H_
