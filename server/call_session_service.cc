@@ -23,14 +23,15 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
                                  public EventSink {
  public:
   static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
-      CallSessionCore& core, absl::string_view token, const v1::WatchEventsRequest& request) {
+      const ServingCore& serving, absl::string_view token, const v1::WatchEventsRequest& request) {
     auto reactor = std::make_shared<WatchEventsReactor>();
     {
       absl::MutexLock lock(&reactor->mu_);
       reactor->self_ = reactor;
     }
+    absl::StatusOr<CallSessionCore*> core = serving.Get();
     absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
-        core.WatchEvents(token, request, reactor);
+        core.ok() ? (*core)->WatchEvents(token, request, reactor) : core.status();
     if (!subscription.ok()) {
       reactor->End(ToGrpcStatus(subscription.status()));
     } else {
@@ -124,84 +125,109 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
 grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(grpc::CallbackServerContext* context,
                                                              const v1::InitializeRequest* request,
                                                              v1::InitializeResponse* response) {
-  return FinishUnary(context, core_.Initialize(*request, response));
+  return Respond(context, serving_, Reply::kWhenDurable,
+                 [&](CallSessionCore& core) { return core.Initialize(*request, response); });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(grpc::CallbackServerContext* context,
                                                            const v1::ShutdownRequest* request,
                                                            v1::ShutdownResponse* response) {
-  return FinishUnary(context, core_.Shutdown(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.Shutdown(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::LineOpen(grpc::CallbackServerContext* context,
                                                            const v1::LineOpenRequest* request,
                                                            v1::LineOpenResponse* response) {
-  return FinishUnary(context, core_.LineOpen(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.LineOpen(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::LineClose(grpc::CallbackServerContext* context,
                                                             const v1::LineCloseRequest* request,
                                                             v1::LineCloseResponse* response) {
-  return FinishUnary(context, core_.LineClose(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.LineClose(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::MakeCall(grpc::CallbackServerContext* context,
                                                            const v1::MakeCallRequest* request,
                                                            v1::MakeCallResponse* response) {
-  return FinishUnary(context, core_.MakeCall(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.MakeCall(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::Answer(grpc::CallbackServerContext* context,
                                                          const v1::AnswerRequest* request,
                                                          v1::AnswerResponse* response) {
-  return FinishUnary(context, core_.Answer(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.Answer(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::Drop(grpc::CallbackServerContext* context,
                                                        const v1::DropRequest* request,
                                                        v1::DropResponse* response) {
-  return FinishUnary(context, core_.Drop(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.Drop(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallInfo(grpc::CallbackServerContext* context,
                                                               const v1::GetCallInfoRequest* request,
                                                               v1::GetCallInfoResponse* response) {
-  return FinishUnary(context, core_.GetCallInfo(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
+    return core.GetCallInfo(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallStatus(
     grpc::CallbackServerContext* context, const v1::GetCallStatusRequest* request,
     v1::GetCallStatusResponse* response) {
-  return FinishUnary(context, core_.GetCallStatus(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
+    return core.GetCallStatus(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::DeallocateCall(
     grpc::CallbackServerContext* context, const v1::DeallocateCallRequest* request,
     v1::DeallocateCallResponse* response) {
-  return FinishUnary(context, core_.DeallocateCall(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.DeallocateCall(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(grpc::CallbackServerContext* context,
                                                               const v1::GetNewCallsRequest* request,
                                                               v1::GetNewCallsResponse* response) {
-  return FinishUnary(context, core_.GetNewCalls(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.GetNewCalls(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::ListCalls(grpc::CallbackServerContext* context,
                                                             const v1::ListCallsRequest* request,
                                                             v1::ListCallsResponse* response) {
-  return FinishUnary(context, core_.ListCalls(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
+    return core.ListCalls(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::KeepAlive(grpc::CallbackServerContext* context,
                                                             const v1::KeepAliveRequest* request,
                                                             v1::KeepAliveResponse* response) {
-  return FinishUnary(context, core_.KeepAlive(BearerToken(*context), *request, response));
+  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
+    return core.KeepAlive(BearerToken(*context), *request, response);
+  });
 }
 
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
-  return WatchEventsReactor::Start(core_, BearerToken(*context), *request);
+  return WatchEventsReactor::Start(serving_, BearerToken(*context), *request);
 }
 
 }  // namespace callsession

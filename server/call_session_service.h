@@ -1,18 +1,21 @@
 // The gRPC adapter of CallSessionService: every unary method is one call
-// into CallSessionCore; WatchEvents is a write reactor draining the app's
-// event queue. Thread-safe; gRPC calls it from its own threads.
+// into CallSessionCore, whose reply waits for the journal if the call may
+// change state (see Respond); WatchEvents is a write reactor draining the
+// app's event queue. Every RPC answers UNAVAILABLE while the server is still
+// loading its store. Thread-safe; gRPC calls it from its own threads.
 #ifndef CALLSESSION_SERVER_CALL_SESSION_SERVICE_H_
 #define CALLSESSION_SERVER_CALL_SESSION_SERVICE_H_
 
 #include "callsession/v1/call_session_service.grpc.pb.h"
 #include "server/core/call_session_core.h"
+#include "server/serving_core.h"
 
 namespace callsession {
 
 class CallSessionGrpcService final : public v1::CallSessionService::CallbackService {
  public:
-  // `core` is not owned and must outlive the service.
-  explicit CallSessionGrpcService(CallSessionCore* core) : core_(*core) {}
+  // `serving` is not owned and must outlive the service.
+  explicit CallSessionGrpcService(const ServingCore* serving) : serving_(*serving) {}
 
   grpc::ServerUnaryReactor* Initialize(grpc::CallbackServerContext* context,
                                        const v1::InitializeRequest* request,
@@ -57,7 +60,7 @@ class CallSessionGrpcService final : public v1::CallSessionService::CallbackServ
       grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) override;
 
  private:
-  CallSessionCore& core_;
+  const ServingCore& serving_;
 };
 
 }  // namespace callsession

@@ -35,6 +35,14 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
   return reactor;
 }
 
+grpc::ServerUnaryReactor* FinishWhenDurable(grpc::CallbackServerContext* context,
+                                            CallSessionCore& core, absl::Status status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  core.WhenChangesDurable(
+      [reactor, reply = ToGrpcStatus(status)]() mutable { reactor->Finish(reply); });
+  return reactor;
+}
+
 absl::string_view BearerToken(const grpc::ServerContextBase& context) {
   constexpr absl::string_view kScheme = "Bearer ";
   const auto& metadata = context.client_metadata();

@@ -19,9 +19,17 @@
 #include "absl/time/time.h"
 #include "server/core/log.h"
 #include "server/server.h"
+#include "server/storage/rocksdb/rocksdb_journal.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "HOST:PORT to serve gRPC on; port 0 picks a free port");
+ABSL_FLAG(std::string, store, "rocksdb",
+          "where state lives: rocksdb (durable, in --data_dir) or memory (lost on exit)");
+ABSL_FLAG(std::string, data_dir, "callsession-data",
+          "the durable store's directory (created if missing); one process at a time");
+ABSL_FLAG(bool, sync, true,
+          "sync the journal before acknowledging (survives a power loss); false survives a "
+          "process crash only");
 ABSL_FLAG(uint32_t, devices, 16, "number of line devices (ids 0..N-1)");
 ABSL_FLAG(int32_t, shards, 64, "shards per handle table, a power of two");
 ABSL_FLAG(uint64_t, event_buffer, 4096,
@@ -68,6 +76,9 @@ ABSL_FLAG(absl::Duration, max_connection_age_grace, absl::ZeroDuration(),
 namespace {
 
 constexpr const char* kFlagsFromEnvironment[] = {"listen",
+                                                 "store",
+                                                 "data_dir",
+                                                 "sync",
                                                  "devices",
                                                  "shards",
                                                  "event_buffer",
@@ -98,8 +109,9 @@ constexpr char kUsage[] =
     "semantics over gRPC.\n\n"
     "Every flag can also be set by the environment variable CALLSESSION_<FLAG> (e.g.\n"
     "CALLSESSION_LISTEN=0.0.0.0:50051); a flag on the command line wins. The\n"
-    "provider token is read only from CALLSESSION_PROVIDER_TOKEN; without it the\n"
-    "provider service refuses every call.";
+    "provider token is read only from CALLSESSION_PROVIDER_TOKEN, the admin token\n"
+    "(backups) only from CALLSESSION_ADMIN_TOKEN; without one, its service refuses\n"
+    "every call.";
 
 // Sets each flag whose CALLSESSION_<FLAG> variable is set. False (after
 // logging why) if a value does not parse.
@@ -160,6 +172,16 @@ int main(int argc, char** argv) {
 
   callsession::ServerOptions options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
+  const std::string store = absl::GetFlag(FLAGS_store);
+  if (store == "rocksdb") {
+    callsession::RocksDbJournalOptions journal;
+    journal.data_dir = absl::GetFlag(FLAGS_data_dir);
+    journal.sync = absl::GetFlag(FLAGS_sync);
+    options.open_journal = [journal] { return callsession::OpenRocksDbJournal(journal); };
+  } else if (store != "memory") {
+    return Refuse(absl::InvalidArgumentError(
+        absl::StrCat("--store must be rocksdb or memory, got \"", store, "\"")));
+  }
   options.core.num_devices = absl::GetFlag(FLAGS_devices);
   options.core.shards = absl::GetFlag(FLAGS_shards);
   options.core.event_buffer = absl::GetFlag(FLAGS_event_buffer);
@@ -172,6 +194,7 @@ int main(int argc, char** argv) {
   if (const char* token = std::getenv("CALLSESSION_PROVIDER_TOKEN")) {
     options.core.provider_token = token;
   }
+  if (const char* token = std::getenv("CALLSESSION_ADMIN_TOKEN")) options.admin_token = token;
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
@@ -196,6 +219,9 @@ int main(int argc, char** argv) {
                     {"metrics_port", (*server)->metrics_port()},
                     {"tls", !options.tls.cert_file.empty()},
                     {"mutual_tls", !options.tls.client_ca_file.empty()},
+                    {"store", store},
+                    {"data_dir", store == "rocksdb" ? absl::GetFlag(FLAGS_data_dir) : ""},
+                    {"sync", store == "rocksdb" && absl::GetFlag(FLAGS_sync)},
                     {"devices", options.core.num_devices},
                     {"shards", options.core.shards},
                     {"app_ttl_seconds", absl::ToDoubleSeconds(options.core.app_ttl)},

@@ -11,6 +11,7 @@
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
+#include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/core/log.h"
@@ -84,6 +85,27 @@ class MetricsInterceptorFactory final
   ServerMetrics& metrics_;
 };
 
+// Journal batches as they become durable.
+class JournalMetrics final : public JournalObserver {
+ public:
+  explicit JournalMetrics(prometheus::Registry& registry)
+      : commit_seconds_(prometheus::BuildHistogram()
+                            .Name("callsession_journal_commit_seconds")
+                            .Help("From a journal batch's first entry to the batch being durable "
+                                  "(queueing, write and sync).")
+                            .Register(registry)
+                            .Add({}, prometheus::Histogram::BucketBoundaries{
+                                         0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                         0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})) {}
+
+  void OnBatchDurable(absl::Duration latency, uint64_t entries, uint64_t bytes) override {
+    commit_seconds_.Observe(absl::ToDoubleSeconds(latency));
+  }
+
+ private:
+  prometheus::Histogram& commit_seconds_;
+};
+
 prometheus::ClientMetric Value(double value, bool counter) {
   prometheus::ClientMetric metric;
   if (counter) {
@@ -99,11 +121,13 @@ prometheus::ClientMetric Value(double value, bool counter) {
 // The core's counters and live gauges, read at scrape time.
 class CoreCollector final : public prometheus::Collectable {
  public:
-  explicit CoreCollector(const CallSessionCore* core) : core_(*core) {}
+  explicit CoreCollector(const ServingCore* serving) : serving_(*serving) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
-    const CoreStats stats = core_.Stats();
     std::vector<prometheus::MetricFamily> families;
+    const CallSessionCore* core = serving_.get();
+    if (core == nullptr) return families;  // still loading
+    const CoreStats stats = core->Stats();
     auto add = [&families](const char* name, const char* help, double value, bool counter) {
       prometheus::MetricFamily family;
       family.name = name;
@@ -143,19 +167,34 @@ class CoreCollector final : public prometheus::Collectable {
         stats.calls_dropped_by_line_close, true);
     add("callsession_forced_line_closes_total", "Lines closed by ForceLineClose.",
         stats.forced_line_closes, true);
+    if (stats.journaled) {
+      add("callsession_journal_entries_total", "Journal entries appended (one per change).",
+          stats.journal.entries, true);
+      add("callsession_journal_batches_total",
+          "Atomic journal writes (group commits), each synced once.", stats.journal.batches, true);
+      add("callsession_journal_bytes_total", "Bytes of journal batches written.",
+          stats.journal.bytes, true);
+    }
     return families;
   }
 
  private:
-  const CallSessionCore& core_;
+  const ServingCore& serving_;
 };
 
 absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
-    const std::string& address, const CallSessionCore* core,
+    const std::string& address, const ServingCore* serving,
     const std::vector<std::string>& service_names) {
   std::unique_ptr<ServerMetrics> metrics(new ServerMetrics());
   metrics->registry_ = std::make_shared<prometheus::Registry>();
-  metrics->core_collector_ = std::make_shared<CoreCollector>(core);
+  metrics->core_collector_ = std::make_shared<CoreCollector>(serving);
+  metrics->journal_observer_ = std::make_unique<JournalMetrics>(*metrics->registry_);
+  metrics->recovery_seconds_ =
+      &prometheus::BuildGauge()
+           .Name("callsession_recovery_seconds")
+           .Help("How long loading the store took at start (0 with the memory store).")
+           .Register(*metrics->registry_)
+           .Add({});
   for (const std::string& name : service_names) {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
@@ -183,6 +222,10 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
 }
 
 ServerMetrics::~ServerMetrics() = default;
+
+JournalObserver* ServerMetrics::journal_observer() { return journal_observer_.get(); }
+
+void ServerMetrics::SetRecoverySeconds(double seconds) { recovery_seconds_->Set(seconds); }
 
 std::unique_ptr<MethodMetrics> ServerMetrics::NewMethodMetrics(const std::string& full_method,
                                                                const char* rpc_type) {

@@ -7,7 +7,10 @@
 //    time: callsession_live_{apps,lines,calls,call_handles,event_subscribers}
 //    and callsession_{calls_created,calls_freed,call_handles_created,
 //    call_handles_voided,call_handles_deallocated,calls_dropped_by_line_close,
-//    forced_line_closes}_total.
+//    forced_line_closes}_total;
+//  - with a durable store: callsession_journal_{entries,batches,bytes}_total,
+//    callsession_journal_commit_seconds (histogram: from a batch's first
+//    entry to its being durable) and callsession_recovery_seconds.
 //
 // The per-RPC series of every method of the given services are created up
 // front (as go-grpc-prometheus's InitializeMetrics does), so recording an RPC
@@ -23,9 +26,13 @@
 #include "absl/status/statusor.h"
 #include "grpcpp/support/server_interceptor.h"
 #include "server/core/call_session_core.h"
+#include "server/core/journal.h"
+#include "server/serving_core.h"
 
 namespace prometheus {
 class Exposer;
+class Gauge;
+class Histogram;
 class Registry;
 }  // namespace prometheus
 
@@ -43,10 +50,11 @@ struct RpcTotals {
 
 class ServerMetrics {
  public:
-  // Serves /metrics on `address` (host:port; port 0 picks one). `core` must
-  // outlive the metrics. Errors: UNAVAILABLE if the address cannot be bound.
+  // Serves /metrics on `address` (host:port; port 0 picks one). `serving`
+  // must outlive the metrics; the core's metrics appear once it is set.
+  // Errors: UNAVAILABLE if the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Start(
-      const std::string& address, const CallSessionCore* core,
+      const std::string& address, const ServingCore* serving,
       const std::vector<std::string>& service_names);
   ~ServerMetrics();
 
@@ -55,6 +63,10 @@ class ServerMetrics {
   std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewInterceptorFactory();
 
   int port() const { return port_; }
+
+  // Records journal commits (see Journal::SetObserver).
+  JournalObserver* journal_observer();
+  void SetRecoverySeconds(double seconds);
 
   // Sums of grpc_server_started_total and grpc_server_handled_total.
   RpcTotals Totals();
@@ -70,6 +82,8 @@ class ServerMetrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<CoreCollector> core_collector_;
+  std::unique_ptr<JournalObserver> journal_observer_;
+  prometheus::Gauge* recovery_seconds_ = nullptr;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
   // Built in Start and never changed afterwards: read without a lock.

@@ -1,17 +1,18 @@
 // The gRPC adapter of ProviderService: each method is one call into
-// CallSessionCore. Thread-safe.
+// CallSessionCore, answered once its changes are durable. Thread-safe.
 #ifndef CALLSESSION_SERVER_PROVIDER_SERVICE_H_
 #define CALLSESSION_SERVER_PROVIDER_SERVICE_H_
 
 #include "callsession/v1/provider_service.grpc.pb.h"
 #include "server/core/call_session_core.h"
+#include "server/serving_core.h"
 
 namespace callsession {
 
 class ProviderGrpcService final : public v1::ProviderService::CallbackService {
  public:
-  // `core` is not owned and must outlive the service.
-  explicit ProviderGrpcService(CallSessionCore* core) : core_(*core) {}
+  // `serving` is not owned and must outlive the service.
+  explicit ProviderGrpcService(const ServingCore* serving) : serving_(*serving) {}
 
   grpc::ServerUnaryReactor* OfferCall(grpc::CallbackServerContext* context,
                                       const v1::OfferCallRequest* request,
@@ -24,7 +25,7 @@ class ProviderGrpcService final : public v1::ProviderService::CallbackService {
                                            v1::ForceLineCloseResponse* response) override;
 
  private:
-  CallSessionCore& core_;
+  const ServingCore& serving_;
 };
 
 }  // namespace callsession

@@ -113,9 +113,10 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
                       Credentials(options.tls));
 
   std::unique_ptr<CallSessionServer> server(new CallSessionServer());
-  server->core_ = std::make_unique<CallSessionCore>(std::move(options.core));
-  server->call_session_service_ = std::make_unique<CallSessionGrpcService>(server->core_.get());
-  server->provider_service_ = std::make_unique<ProviderGrpcService>(server->core_.get());
+  server->call_session_service_ = std::make_unique<CallSessionGrpcService>(&server->serving_);
+  server->provider_service_ = std::make_unique<ProviderGrpcService>(&server->serving_);
+  server->admin_service_ =
+      std::make_unique<AdminGrpcService>(&server->serving_, options.admin_token);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -140,12 +141,14 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   }
   builder.RegisterService(server->call_session_service_.get());
   builder.RegisterService(server->provider_service_.get());
+  builder.RegisterService(server->admin_service_.get());
 
   if (!options.metrics_address.empty()) {
     CS_ASSIGN_OR_RETURN(server->metrics_,
-                        ServerMetrics::Start(options.metrics_address, server->core_.get(),
+                        ServerMetrics::Start(options.metrics_address, &server->serving_,
                                              {v1::CallSessionService::service_full_name(),
-                                              v1::ProviderService::service_full_name()}));
+                                              v1::ProviderService::service_full_name(),
+                                              admin::v1::AdminService::service_full_name()}));
     std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> factories;
     factories.push_back(server->metrics_->NewInterceptorFactory());
     builder.experimental().SetInterceptorCreators(std::move(factories));
@@ -157,12 +160,18 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   }
   server->address_ = absl::StrCat(host, ":", server->port_);
   // The overall status ("") and each service's: probes may ask for either.
+  // NOT_SERVING until the core is loaded.
   grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
+  const char* const services[] = {v1::CallSessionService::service_full_name(),
+                                  v1::ProviderService::service_full_name()};
+  health->SetServingStatus(false);
+  for (const char* service : services) health->SetServingStatus(service, false);
+  if (options.on_listening) options.on_listening(server->address_);
+
+  CS_RETURN_IF_ERROR(server->LoadCore(options));
   health->SetServingStatus(true);
-  for (const char* service :
-       {v1::CallSessionService::service_full_name(), v1::ProviderService::service_full_name()}) {
-    health->SetServingStatus(service, true);
-  }
+  for (const char* service : services) health->SetServingStatus(service, true);
+
   const absl::Duration app_ttl = server->core_->options().app_ttl;
   if (app_ttl > absl::ZeroDuration()) {
     // An app outlives its lease by at most a quarter of it (and a second).
@@ -172,6 +181,34 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
     server->lease_thread_ = std::thread([raw, period] { raw->EnforceLeases(period); });
   }
   return server;
+}
+
+absl::Status CallSessionServer::LoadCore(ServerOptions& options) {
+  options.core.journal = nullptr;
+  if (options.open_journal) {
+    Log(LogLevel::kInfo, "recovering", {{"address", address_}});
+    const absl::Time start = absl::Now();
+    CS_ASSIGN_OR_RETURN(journal_, options.open_journal());
+    if (metrics_ != nullptr) journal_->SetObserver(metrics_->journal_observer());
+    options.core.journal = journal_.get();
+    core_ = std::make_unique<CallSessionCore>(std::move(options.core));
+    CS_ASSIGN_OR_RETURN(const RecoveryCounts counts, core_->Recover());
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    if (metrics_ != nullptr) metrics_->SetRecoverySeconds(seconds);
+    Log(LogLevel::kInfo, "recovered",
+        {{"apps", static_cast<uint64_t>(counts.apps)},
+         {"lines", static_cast<uint64_t>(counts.lines)},
+         {"calls", static_cast<uint64_t>(counts.calls)},
+         {"call_handles", static_cast<uint64_t>(counts.call_handles)},
+         {"events", static_cast<uint64_t>(counts.events)},
+         {"request_ids", static_cast<uint64_t>(counts.request_ids)},
+         {"new_store", counts.created},
+         {"seconds", seconds}});
+  } else {
+    core_ = std::make_unique<CallSessionCore>(std::move(options.core));
+  }
+  serving_.Set(core_.get());
+  return absl::OkStatus();
 }
 
 void CallSessionServer::EnforceLeases(absl::Duration period) {
@@ -191,7 +228,9 @@ void CallSessionServer::Shutdown(absl::Duration grace) {
   if (lease_thread_.joinable()) lease_thread_.join();
   server_->GetHealthCheckService()->SetServingStatus(false);  // every service
   Log(LogLevel::kInfo, "health_not_serving");
-  core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));
+  if (core_ != nullptr) {
+    core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));
+  }
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   server_->Wait();
 }

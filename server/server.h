@@ -1,10 +1,13 @@
 // CallSessionServer: the core plus its gRPC services (CallSessionService,
-// ProviderService, grpc.health.v1.Health, and reflection unless turned off)
-// on one address, and optionally Prometheus metrics on another. What
-// callsessiond runs, and what the tests start on port 0.
+// ProviderService, AdminService, grpc.health.v1.Health, and reflection
+// unless turned off) on one address, and optionally Prometheus metrics on
+// another; with a store (ServerOptions::open_journal), the durable journal
+// the core recovers from at start. What callsessiond runs, and what the
+// tests start on port 0.
 #ifndef CALLSESSION_SERVER_SERVER_H_
 #define CALLSESSION_SERVER_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -13,10 +16,13 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
+#include "server/admin_service.h"
 #include "server/call_session_service.h"
 #include "server/core/call_session_core.h"
+#include "server/core/journal.h"
 #include "server/metrics.h"
 #include "server/provider_service.h"
+#include "server/serving_core.h"
 
 namespace callsession {
 
@@ -31,7 +37,17 @@ struct TlsFiles {
 struct ServerOptions {
   // host:port; port 0 picks a free port (see CallSessionServer::port()).
   std::string listen_address = "127.0.0.1:50051";
+  // core.journal is set by Start from open_journal.
   CoreOptions core;
+  // Opens the durable store the core recovers from and journals to; empty
+  // keeps all state in memory (--store=memory). Called by Start after the
+  // server listens, so health answers NOT_SERVING while it runs.
+  std::function<absl::StatusOr<std::unique_ptr<Journal>>()> open_journal;
+  // Called with host:port once the server listens, before the store is
+  // loaded (for tests that watch a recovery).
+  std::function<void(const std::string& address)> on_listening;
+  // The AdminService's bearer token; empty refuses every admin call.
+  std::string admin_token;
   // Requests larger than this fail with RESOURCE_EXHAUSTED in the transport.
   // The largest valid request is well under 1 KiB.
   int max_receive_message_bytes = 16 * 1024;
@@ -58,9 +74,13 @@ struct ServerOptions {
 // Thread-safe; Shutdown may be called from any thread, once.
 class CallSessionServer {
  public:
-  // Builds the core and services and starts serving; health reports SERVING.
-  // Errors: INVALID_ARGUMENT for bad options or unreadable TLS files,
-  // UNAVAILABLE if an address cannot be bound.
+  // Starts listening with health NOT_SERVING (every RPC answers
+  // UNAVAILABLE), opens the store and recovers the core from it (logging
+  // `recovering` with the address, then `recovered` with the counts and the
+  // time taken), and only then serves: health SERVING. Errors:
+  // INVALID_ARGUMENT for bad options or unreadable TLS files, UNAVAILABLE if
+  // an address cannot be bound; opening or recovering the store: its error
+  // (see OpenRocksDbJournal and CallSessionCore::Recover).
   static absl::StatusOr<std::unique_ptr<CallSessionServer>> Start(ServerOptions options);
 
   // Shuts down with no grace if Shutdown was not called.
@@ -82,6 +102,8 @@ class CallSessionServer {
   void Shutdown(absl::Duration grace);
 
   CallSessionCore& core() { return *core_; }
+  // Null with the memory store.
+  Journal* journal() { return journal_.get(); }
   // Null if metrics are off.
   ServerMetrics* metrics() { return metrics_.get(); }
 
@@ -91,11 +113,18 @@ class CallSessionServer {
   // Runs CallSessionCore::ExpireIdleApps every `period` until stop_leases_.
   void EnforceLeases(absl::Duration period);
 
-  // Declared first, destroyed last: the server refers to all of these.
+  // Opens the store and recovers the core; then serves it.
+  absl::Status LoadCore(ServerOptions& options);
+
+  // Declared first, destroyed last: the server refers to all of these (the
+  // core to the journal).
+  std::unique_ptr<Journal> journal_;
   std::unique_ptr<CallSessionCore> core_;
+  ServingCore serving_;
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<CallSessionGrpcService> call_session_service_;
   std::unique_ptr<ProviderGrpcService> provider_service_;
+  std::unique_ptr<AdminGrpcService> admin_service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::string address_;

@@ -1,0 +1,33 @@
+// The gRPC adapter of callsession.admin.v1.AdminService: operator actions
+// (backups), authorized by the admin token. Thread-safe.
+#ifndef CALLSESSION_SERVER_ADMIN_SERVICE_H_
+#define CALLSESSION_SERVER_ADMIN_SERVICE_H_
+
+#include <string>
+
+#include "callsession/admin/v1/admin_service.grpc.pb.h"
+#include "server/serving_core.h"
+
+namespace callsession {
+
+class AdminGrpcService final : public admin::v1::AdminService::CallbackService {
+ public:
+  // `serving` is not owned and must outlive the service. An empty
+  // `admin_token` refuses every call.
+  AdminGrpcService(const ServingCore* serving, std::string admin_token)
+      : serving_(*serving), admin_token_(std::move(admin_token)) {}
+
+  // Runs the checkpoint on a thread of its own (it flushes and links files),
+  // never on a gRPC thread, and replies when it is done.
+  grpc::ServerUnaryReactor* CreateCheckpoint(
+      grpc::CallbackServerContext* context, const admin::v1::CreateCheckpointRequest* request,
+      admin::v1::CreateCheckpointResponse* response) override;
+
+ private:
+  const ServingCore& serving_;
+  const std::string admin_token_;
+};
+
+}  // namespace callsession
+
+#endif  // CALLSESSION_SERVER_ADMIN_SERVICE_H_
