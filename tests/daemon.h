@@ -9,24 +9,37 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "tests/test_support.h"
 
 namespace callsession {
 
 // callsessiond as a child process with its stderr (the JSON log) piped to
 // the test. Killed on destruction if still running.
+//
+// It runs in `working_dir`, so its default store (callsession-data/) lands
+// there; with none given, in a new temporary directory of its own that is
+// removed afterwards.
 class Daemon {
  public:
   // `environment` holds "NAME=value" entries: the child's whole environment.
-  Daemon(const std::vector<std::string>& flags, const std::vector<std::string>& environment) {
+  Daemon(const std::vector<std::string>& flags, const std::vector<std::string>& environment,
+         std::string working_dir = "")
+      : working_dir_(std::move(working_dir)) {
+    if (working_dir_.empty()) {
+      working_dir_ = MakeTempDir();
+      owns_working_dir_ = true;
+    }
     int err_pipe[2];
     if (pipe(err_pipe) != 0) return;
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addchdir_np(&actions, working_dir_.c_str());
     posix_spawn_file_actions_adddup2(&actions, err_pipe[1], STDERR_FILENO);
     posix_spawn_file_actions_addclose(&actions, err_pipe[0]);
     std::vector<std::string> args = {CALLSESSIOND_PATH};
@@ -52,7 +65,13 @@ class Daemon {
       waitpid(pid_, nullptr, 0);
     }
     if (stderr_ != nullptr) fclose(stderr_);
+    if (owns_working_dir_) {
+      std::error_code ignored;
+      std::filesystem::remove_all(working_dir_, ignored);
+    }
   }
+
+  const std::string& working_dir() const { return working_dir_; }
 
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -72,8 +91,15 @@ class Daemon {
   // Reads the log up to the "listening" line and returns the value of
   // `field` in it (e.g. "address", "metrics_port"); "" if it never came.
   std::string WaitUntilListening(const std::string& field = "address") {
+    return WaitForEvent("listening", field);
+  }
+
+  // Reads the log up to the first line of `event` and returns the value of
+  // `field` in it; "" if it never came. Later Field() calls read that line.
+  std::string WaitForEvent(const std::string& event, const std::string& field) {
+    const std::string marker = absl::StrCat("\"event\":\"", event, "\"");
     for (std::string line = ReadLine(); !line.empty(); line = ReadLine()) {
-      if (absl::StrContains(line, "\"event\":\"listening\"")) {
+      if (absl::StrContains(line, marker)) {
         listening_line_ = line;
         return Field(field);
       }
@@ -81,15 +107,18 @@ class Daemon {
     return "";
   }
 
-  // A field of the "listening" line, as text (quotes stripped).
-  std::string Field(const std::string& field) const {
+  // A field of the line WaitForEvent found, as text (quotes stripped).
+  std::string Field(const std::string& field) const { return LogField(listening_line_, field); }
+
+  // A field of a JSON log line, as text (quotes stripped); "" if absent.
+  static std::string LogField(const std::string& line, const std::string& field) {
     const std::string key = absl::StrCat("\"", field, "\":");
-    const size_t at = listening_line_.find(key);
+    const size_t at = line.find(key);
     if (at == std::string::npos) return "";
     size_t start = at + key.size();
-    if (listening_line_[start] == '"') ++start;
-    size_t end = listening_line_.find_first_of("\",}", start);
-    return listening_line_.substr(start, end - start);
+    if (line[start] == '"') ++start;
+    size_t end = line.find_first_of("\",}", start);
+    return line.substr(start, end - start);
   }
 
   // Sends `signal`, waits, reads the rest of the log; returns the exit
@@ -111,6 +140,8 @@ class Daemon {
   const std::string& log() const { return log_; }
 
  private:
+  std::string working_dir_;
+  bool owns_working_dir_ = false;
   pid_t pid_ = -1;
   FILE* stderr_ = nullptr;
   std::string log_;

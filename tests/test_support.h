@@ -2,6 +2,7 @@
 #ifndef CALLSESSION_TESTS_TEST_SUPPORT_H_
 #define CALLSESSION_TESTS_TEST_SUPPORT_H_
 
+#include <cstdlib>
 #include <string>
 
 #include "absl/status/status.h"
@@ -38,6 +39,13 @@ MATCHER_P2(IsTapiError, code, name,
   if (status.code() != code) return false;
   if (!absl::StartsWith(status.message(), absl::StrCat(name, ": "))) return false;
   return true;
+}
+
+// A new empty directory under $TMPDIR (or /tmp); "" if none could be made.
+inline std::string MakeTempDir(const std::string& prefix = "callsession-test") {
+  const char* base = std::getenv("TMPDIR");
+  std::string pattern = std::string(base != nullptr ? base : "/tmp") + "/" + prefix + ".XXXXXX";
+  return mkdtemp(pattern.data()) != nullptr ? pattern : "";
 }
 
 // A clock that moves only when told to.

@@ -7,6 +7,7 @@ callsessiond and check TAPI errors, including the ErrorInfo details.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,11 @@ def generate_stubs(protos, out):
 class LifecycleTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        # The default, durable store, in a directory of its own.
+        cls.data_dir = tempfile.mkdtemp(prefix="callsession-python-")
         cls.server = subprocess.Popen(
-            [SERVER, "--listen=127.0.0.1:0"], stderr=subprocess.PIPE, text=True,
+            [SERVER, "--listen=127.0.0.1:0", "--data_dir=" + cls.data_dir],
+            stderr=subprocess.PIPE, text=True,
             env={"CALLSESSION_PROVIDER_TOKEN": PROVIDER_TOKEN})
         for line in cls.server.stderr:
             entry = json.loads(line)
@@ -44,6 +48,7 @@ class LifecycleTest(unittest.TestCase):
         cls.channel.close()
         cls.server.terminate()
         assert cls.server.wait(timeout=30) == 0
+        shutil.rmtree(cls.data_dir)
 
     def call(self, method, request, token):
         return method(request, metadata=[("authorization", "Bearer " + token)], timeout=5)
