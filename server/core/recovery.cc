@@ -247,13 +247,13 @@ absl::StatusOr<RecoveryCounts> CallSessionCore::Recover() {
   CS_RETURN_IF_ERROR(journal_->Load([&](absl::string_view key,
                                         absl::string_view value) -> absl::Status {
     any_record = true;
+    // The format record sorts first: without it, nothing else is read.
+    if (!format_seen && key != FormatKey()) {
+      return absl::DataLossError(
+          "the store has no format record: it was not written by callsessiond");
+    }
     CS_ASSIGN_OR_RETURN(const ParsedKey parsed, ParseKey(key));
     if (parsed.kind == RecordKind::kFormat) return RecoverFormat(value, &format_seen);
-    if (!format_seen) {
-      return absl::DataLossError(
-          "the store has no format record: it was not written by callsessiond, or its first "
-          "write was lost");
-    }
     switch (parsed.kind) {
       case RecordKind::kFormat:
         break;
