@@ -7,15 +7,18 @@
 // concurrent changes explain; every application must see its events without
 // a gap or a loss across reconnects. At the end, with every app gone and the
 // provider's calls ended, the counters must balance, the store be empty and
-// RSS be back near its level after warm-up.
+// RSS be back near its level after warm-up. With --store=rocksdb the server
+// journals every change to a store in a temporary directory, and at the end
+// that store, reopened, must hold nothing either.
 //
-//   soak_test --seconds=45        (ctest, CI)
+//   soak_test --seconds=60 [--store=rocksdb]        (ctest, CI)
 //   soak_test --seconds=1800 --apps=16
 #include <malloc.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -34,9 +37,12 @@
 #include "grpcpp/create_channel.h"
 #include "server/core/log.h"
 #include "server/server.h"
+#include "server/storage/rocksdb/rocksdb_journal.h"
+#include "tests/test_support.h"
 
 ABSL_FLAG(int, seconds, 45, "how long the load runs");
 ABSL_FLAG(int, apps, 6, "concurrent application workers");
+ABSL_FLAG(std::string, store, "memory", "memory, or rocksdb (in a temporary directory)");
 
 namespace callsession {
 namespace {
@@ -236,15 +242,40 @@ void RunProvider(ProviderClient& provider, absl::Time deadline, std::vector<uint
   }
 }
 
-int Run() {
-  const absl::Duration duration = absl::Seconds(absl::GetFlag(FLAGS_seconds));
-  SetLogLevel(LogLevel::kWarning);
+ServerOptions SoakOptions(const std::string& data_dir) {
   ServerOptions options;
   options.listen_address = "127.0.0.1:0";
   options.core.num_devices = kDevices;
   options.core.provider_token = kProviderToken;
   options.core.app_ttl = kAppTtl;
-  auto server = CallSessionServer::Start(std::move(options));
+  if (!data_dir.empty()) {
+    RocksDbJournalOptions journal;
+    journal.data_dir = data_dir;
+    options.open_journal = [journal] { return OpenRocksDbJournal(journal); };
+  }
+  return options;
+}
+
+size_t DirectoryBytes(const std::string& dir) {
+  size_t bytes = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir, error)) {
+    if (entry.is_regular_file(error)) bytes += entry.file_size(error);
+  }
+  return bytes;
+}
+
+int Run() {
+  const absl::Duration duration = absl::Seconds(absl::GetFlag(FLAGS_seconds));
+  SetLogLevel(LogLevel::kWarning);
+  const std::string store = absl::GetFlag(FLAGS_store);
+  if (store != "memory" && store != "rocksdb") {
+    std::fprintf(stderr, "--store must be memory or rocksdb\n");
+    return 1;
+  }
+  const std::string temp_dir = store == "rocksdb" ? MakeTempDir("callsession-soak") : "";
+  const std::string data_dir = temp_dir.empty() ? "" : temp_dir + "/data";
+  auto server = CallSessionServer::Start(SoakOptions(data_dir));
   if (!server.ok()) {
     std::fprintf(stderr, "server: %s\n", server.status().ToString().c_str());
     return 1;
@@ -306,19 +337,42 @@ int Run() {
   check(stats.apps_expired >= abandoned_apps.load(),
         absl::StrCat(abandoned_apps.load(), " apps abandoned, ", stats.apps_expired, " expired"));
   // Back near the warm level: the load's peak state is gone. Slack for
-  // allocator caches and gRPC's per-connection buffers.
-  const size_t bound = warm_rss + warm_rss / 4 + (16u << 20);
+  // allocator caches and gRPC's per-connection buffers, and RocksDB's
+  // memtables (at most kMemtableBytes each, two of them).
+  const size_t bound =
+      warm_rss + warm_rss / 4 + (16u << 20) + (data_dir.empty() ? 0 : 2 * kRocksDbMemtableBytes);
   check(end_rss <= bound, absl::StrCat("RSS ", end_rss >> 20, " MiB after, bound ", bound >> 20,
                                        " MiB (warm ", warm_rss >> 20, " MiB)"));
   check(operations > 1000, "the soak did little work");
+  size_t store_bytes = 0;
+  if (!data_dir.empty()) {
+    // What is on disk is what was in memory: nothing.
+    server->reset();
+    auto reopened = CallSessionServer::Start(SoakOptions(data_dir));
+    if (!reopened.ok()) {
+      check(false, absl::StrCat("reopening the store: ", reopened.status().ToString()));
+    } else {
+      const StoreCounts on_disk = (*reopened)->core().Stats().live;
+      check(on_disk.apps == 0 && on_disk.lines == 0 && on_disk.calls == 0 &&
+                on_disk.call_handles == 0,
+            absl::StrCat("the reopened store holds ", on_disk.apps, " apps, ", on_disk.lines,
+                         " lines, ", on_disk.calls, " calls, ", on_disk.call_handles, " handles"));
+      (*reopened)->Shutdown(absl::ZeroDuration());
+    }
+    store_bytes = DirectoryBytes(data_dir);
+    std::error_code ignored;
+    std::filesystem::remove_all(temp_dir, ignored);
+  }
 
   std::printf(
-      "soak %s: %lld s, %d app workers; %llu operations, %llu calls, %llu call handles, %llu "
+      "soak %s (%s store): %lld s, %d app workers; %llu operations, %llu calls, %llu call handles, "
+      "%llu "
       "events checked across %llu reconnects, %llu apps abandoned and %llu expired by lease; "
       "unexpected errors %llu, lost events %llu, leaked handles %zu, leaked calls %zu; RSS warm "
-      "%zu MiB (%zu live handles then), end %zu MiB\n",
-      ok ? "passed" : "FAILED", static_cast<long long>(absl::ToInt64Seconds(duration)),
-      absl::GetFlag(FLAGS_apps), static_cast<unsigned long long>(operations.load()),
+      "%zu MiB (%zu live handles then), end %zu MiB; data directory %zu KiB at the end\n",
+      ok ? "passed" : "FAILED", store.c_str(),
+      static_cast<long long>(absl::ToInt64Seconds(duration)), absl::GetFlag(FLAGS_apps),
+      static_cast<unsigned long long>(operations.load()),
       static_cast<unsigned long long>(stats.calls_created),
       static_cast<unsigned long long>(stats.call_handles_created),
       static_cast<unsigned long long>(events_checked.load()),
@@ -328,7 +382,7 @@ int Run() {
       static_cast<unsigned long long>(unexpected_errors.load()),
       static_cast<unsigned long long>(sequence_breaks.load() + stats.events_lost),
       stats.live.call_handles, stats.live.calls, warm_rss >> 20, warm.live.call_handles,
-      end_rss >> 20);
+      end_rss >> 20, store_bytes >> 10);
   return ok ? 0 : 1;
 }
 

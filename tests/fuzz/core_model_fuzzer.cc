@@ -10,6 +10,13 @@
 //
 // The model is deliberately naive: plain maps and linear scans, written
 // from the API contract in protos/, not from the core's code.
+//
+// Built with CALLSESSION_FUZZ_DURABLE (durable_model_fuzzer), the core
+// journals to a RocksDB store in a temporary directory, every step waits
+// until its changes are durable, and an opcode byte of 240 or more restarts:
+// the core and the store are closed, reopened and recovered, and the next
+// reconciliation must find everything as the model has it (tokens, handles,
+// states, lines, event counts, request ids; every app gets a new lease).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -21,10 +28,16 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "server/core/call_session_core.h"
 #include "server/core/log.h"
 #include "server/core/tapi_error.h"
 #include "tests/test_support.h"
+#ifdef CALLSESSION_FUZZ_DURABLE
+#include <filesystem>
+
+#include "server/storage/rocksdb/rocksdb_journal.h"
+#endif
 
 namespace callsession {
 namespace {
@@ -184,27 +197,89 @@ struct Model {
 
 class Harness {
  public:
-  Harness() : core_(Options()) {}
+  Harness() { Open(); }
+
+  ~Harness() {
+    core_.reset();
+#ifdef CALLSESSION_FUZZ_DURABLE
+    journal_.reset();
+    std::error_code ignored;
+    std::filesystem::remove_all(data_dir_, ignored);
+#endif
+  }
 
   void Run(Input& in) {
     for (int step = 0; step < 200 && !in.empty(); ++step) {
       Step(in);
+      WaitUntilDurable();
       Reconcile();
     }
     // Everyone leaves: the store must be empty but for unheld inbound calls.
     for (int a = 0; a < kApps; ++a) {
       if (!model_.apps[a].alive) continue;
       v1::ShutdownResponse response;
-      CHECK_THAT(core_.Shutdown(model_.apps[a].token, {}, &response).ok(), "final shutdown");
+      CHECK_THAT(core_->Shutdown(model_.apps[a].token, {}, &response).ok(), "final shutdown");
     }
-    const CoreStats stats = core_.Stats();
+    const CoreStats stats = core_->Stats();
     CHECK_THAT(stats.live.apps == 0 && stats.live.lines == 0 && stats.live.call_handles == 0,
                "store not empty after every app shut down");
-    CHECK_THAT(stats.call_handles_created == stats.call_handles_voided, "handles leaked");
-    CHECK_THAT(stats.calls_created == stats.calls_freed + stats.live.calls, "calls leaked");
+    // Counters start again at each restart; what a core recovered, an
+    // earlier one created.
+    CHECK_THAT(stats.call_handles_created + carried_.call_handles_created ==
+                   stats.call_handles_voided + carried_.call_handles_voided,
+               "handles leaked");
+    CHECK_THAT(stats.calls_created + carried_.calls_created ==
+                   stats.calls_freed + carried_.calls_freed + stats.live.calls,
+               "calls leaked");
   }
 
  private:
+  // A new core (and, durable, its store, recovered).
+  void Open() {
+    CoreOptions options = Options();
+#ifdef CALLSESSION_FUZZ_DURABLE
+    if (data_dir_.empty()) {
+      static const std::string base = MakeTempDir("callsession-fuzz");
+      static int inputs = 0;
+      data_dir_ = absl::StrCat(base, "/", inputs++);
+    }
+    RocksDbJournalOptions journal;
+    journal.data_dir = data_dir_;
+    journal.sync = false;  // the process does not crash here; recovery logic is what is tested
+    absl::StatusOr<std::unique_ptr<Journal>> opened = OpenRocksDbJournal(journal);
+    CHECK_THAT(opened.ok(), "opening the store: ", opened.status().ToString());
+    journal_ = *std::move(opened);
+    options.journal = journal_.get();
+#endif
+    core_ = std::make_unique<CallSessionCore>(options);
+#ifdef CALLSESSION_FUZZ_DURABLE
+    absl::StatusOr<RecoveryCounts> recovered = core_->Recover();
+    CHECK_THAT(recovered.ok(), "recovery: ", recovered.status().ToString());
+#endif
+  }
+
+  // Closes the core and its store and opens them again: nothing the model
+  // knows may change, but the leases, which start again.
+  void Restart() {
+    const CoreStats before = core_->Stats();
+    carried_.call_handles_created += before.call_handles_created;
+    carried_.call_handles_voided += before.call_handles_voided;
+    carried_.calls_created += before.calls_created;
+    carried_.calls_freed += before.calls_freed;
+    core_.reset();
+#ifdef CALLSESSION_FUZZ_DURABLE
+    journal_.reset();
+#endif
+    Open();
+    for (int a = 0; a < kApps; ++a) last_activity_[a] = clock_.Now();
+  }
+
+  // Returns once every change so far is durable (at once without a store).
+  void WaitUntilDurable() {
+    absl::Notification durable;
+    core_->WhenChangesDurable([&durable] { durable.Notify(); });
+    durable.WaitForNotification();
+  }
   CoreOptions Options() {
     CoreOptions options;
     options.num_devices = kDevices;
@@ -294,14 +369,18 @@ class Harness {
     const std::string token = TokenOf(a);
     const bool alive = app.alive;
     const std::string unauth = "LINEERR_UNINITIALIZED";
-    const int opcode = in.Byte() % 15;
+    const uint8_t opcode_byte = in.Byte();
+#ifdef CALLSESSION_FUZZ_DURABLE
+    if (opcode_byte >= 240) return Restart();
+#endif
+    const int opcode = opcode_byte % 15;
     switch (opcode) {
       case 0: {  // Initialize (replaces the slot's app, if any, with a new one)
         if (alive) return;
         v1::InitializeRequest request;
         request.set_app_name(in.Byte() % 8 == 0 ? std::string("bad\n") : "fuzz");
         v1::InitializeResponse response;
-        const absl::Status status = core_.Initialize(request, &response);
+        const absl::Status status = core_->Initialize(request, &response);
         if (request.app_name() == "fuzz") {
           Expect(status, "OK", "Initialize");
           app = ModelApp();
@@ -324,7 +403,7 @@ class Harness {
         if (monitor) request.add_privileges(v1::CALL_PRIVILEGE_MONITOR);
         if (bad) request.add_privileges(static_cast<v1::CallPrivilege>(7));
         v1::LineOpenResponse response;
-        const absl::Status status = core_.LineOpen(token, request, &response);
+        const absl::Status status = core_->LineOpen(token, request, &response);
         if (!alive) return Expect(status, unauth, "LineOpen");
         if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "LineOpen");
         if (bad) return Expect(status, "LINEERR_INVALPRIVSELECT", "LineOpen");
@@ -340,7 +419,7 @@ class Harness {
         v1::LineCloseRequest request;
         request.set_line_handle(line);
         v1::LineCloseResponse response;
-        const absl::Status status = core_.LineClose(token, request, &response);
+        const absl::Status status = core_->LineClose(token, request, &response);
         if (!alive) return Expect(status, unauth, "LineClose");
         const ModelLine* own = model_.OwnLine(line, a);
         if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "LineClose");
@@ -359,7 +438,7 @@ class Harness {
         request.set_dest_address(dest);
         request.set_request_id(request_id);
         v1::MakeCallResponse response;
-        const absl::Status status = core_.MakeCall(token, request, &response);
+        const absl::Status status = core_->MakeCall(token, request, &response);
         if (!alive) return Expect(status, unauth, "MakeCall");
         if (!request_id.empty()) {
           auto seen = app.requests.find(request_id);
@@ -408,7 +487,7 @@ class Harness {
         v1::GetCallStatusRequest request;
         request.set_call_handle(handle);
         v1::GetCallStatusResponse response;
-        const absl::Status status = core_.GetCallStatus(token, request, &response);
+        const absl::Status status = core_->GetCallStatus(token, request, &response);
         if (!alive) return Expect(status, unauth, "GetCallStatus");
         uint64_t call_id = 0;
         const ModelHolder* holder = Held(handle, a, &call_id);
@@ -422,7 +501,7 @@ class Harness {
         v1::GetNewCallsRequest request;
         request.set_line_handle(line);
         v1::GetNewCallsResponse response;
-        const absl::Status status = core_.GetNewCalls(token, request, &response);
+        const absl::Status status = core_->GetNewCalls(token, request, &response);
         if (!alive) return Expect(status, unauth, "GetNewCalls");
         const ModelLine* own = model_.OwnLine(line, a);
         if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "GetNewCalls");
@@ -445,7 +524,7 @@ class Harness {
       }
       case 9: {  // Shutdown
         v1::ShutdownResponse response;
-        const absl::Status status = core_.Shutdown(token, {}, &response);
+        const absl::Status status = core_->Shutdown(token, {}, &response);
         if (!alive) return Expect(status, unauth, "Shutdown");
         Expect(status, "OK", "Shutdown");
         ShutDownInModel(a);
@@ -457,7 +536,7 @@ class Harness {
         request.set_device_id(device);
         request.set_caller_id("555");
         v1::OfferCallResponse response;
-        const absl::Status status = core_.OfferCall(kProvider, request, &response);
+        const absl::Status status = core_->OfferCall(kProvider, request, &response);
         if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "OfferCall");
         Expect(status, "OK", "OfferCall");
         ModelCall& call = model_.calls[response.call_id()];
@@ -480,7 +559,7 @@ class Harness {
         request.set_call_id(call_id);
         request.set_call_state(static_cast<v1::CallState>(state));
         v1::SetCallStateResponse response;
-        const absl::Status status = core_.SetCallState(kProvider, request, &response);
+        const absl::Status status = core_->SetCallState(kProvider, request, &response);
         if (state == 0 || state == 17) return Expect(status, "LINEERR_INVALPARAM", "SetCallState");
         auto it = model_.calls.find(call_id);
         if (it == model_.calls.end())
@@ -499,7 +578,7 @@ class Harness {
         v1::ForceLineCloseRequest request;
         request.set_device_id(device);
         v1::ForceLineCloseResponse response;
-        const absl::Status status = core_.ForceLineClose(kProvider, request, &response);
+        const absl::Status status = core_->ForceLineClose(kProvider, request, &response);
         if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "ForceLineClose");
         Expect(status, "OK", "ForceLineClose");
         std::vector<std::pair<uint64_t, uint64_t>> on_device;  // order, handle
@@ -516,7 +595,7 @@ class Harness {
       }
       case 13: {  // time passes; leases run out
         clock_.Advance(absl::Seconds(in.Byte() % 16));
-        const size_t expired = core_.ExpireIdleApps();
+        const size_t expired = core_->ExpireIdleApps();
         size_t model_expired = 0;
         for (int i = 0; i < kApps; ++i) {
           if (model_.apps[i].alive && clock_.Now() - last_activity_[i] >= kAppTtl) {
@@ -530,7 +609,7 @@ class Harness {
       }
       case 14: {  // KeepAlive
         v1::KeepAliveResponse response;
-        const absl::Status status = core_.KeepAlive(token, {}, &response);
+        const absl::Status status = core_->KeepAlive(token, {}, &response);
         return Expect(status, alive ? "OK" : unauth, "KeepAlive");
       }
     }
@@ -543,17 +622,17 @@ class Harness {
       v1::DropRequest request;
       request.set_call_handle(handle);
       v1::DropResponse response;
-      status = core_.Drop(token, request, &response);
+      status = core_->Drop(token, request, &response);
     } else if (kind == 1) {
       v1::AnswerRequest request;
       request.set_call_handle(handle);
       v1::AnswerResponse response;
-      status = core_.Answer(token, request, &response);
+      status = core_->Answer(token, request, &response);
     } else {
       v1::DeallocateCallRequest request;
       request.set_call_handle(handle);
       v1::DeallocateCallResponse response;
-      status = core_.DeallocateCall(token, request, &response);
+      status = core_->DeallocateCall(token, request, &response);
     }
     const char* op = kind == 0 ? "Drop" : kind == 1 ? "Answer" : "DeallocateCall";
     if (!alive) return Expect(status, "LINEERR_UNINITIALIZED", op);
@@ -606,7 +685,7 @@ class Harness {
       uint64_t resume = 0;
       for (;;) {
         v1::ListCallsResponse response;
-        CHECK_THAT(core_.ListCalls(app.token, request, &response).ok(), "ListCalls");
+        CHECK_THAT(core_->ListCalls(app.token, request, &response).ok(), "ListCalls");
         if (resume == 0) resume = response.resume_sequence();
         for (const auto& entry : response.calls()) listed.push_back(entry);
         if (response.next_page_token().empty()) break;
@@ -656,13 +735,13 @@ class Harness {
         v1::GetCallInfoRequest request;
         request.set_call_handle(h);
         v1::GetCallInfoResponse response;
-        const absl::Status status = core_.GetCallInfo(model_.apps[a].token, request, &response);
+        const absl::Status status = core_->GetCallInfo(model_.apps[a].token, request, &response);
         CHECK_THAT(TapiErrorName(status) == "LINEERR_INVALCALLHANDLE", "void handle ", h,
                    " answered ", status.ToString());
       }
     }
     // Live counts.
-    const CoreStats stats = core_.Stats();
+    const CoreStats stats = core_->Stats();
     size_t live_apps = 0, handles = 0;
     for (const ModelApp& app : model_.apps) live_apps += app.alive;
     for (const auto& [id, call] : model_.calls) handles += call.holders.size();
@@ -676,7 +755,13 @@ class Harness {
   static constexpr uint64_t kPlaceholderBase = uint64_t{1} << 62;
   uint64_t next_placeholder_ = 0;
   FakeClock clock_;
-  CallSessionCore core_;
+#ifdef CALLSESSION_FUZZ_DURABLE
+  std::string data_dir_;
+  std::unique_ptr<Journal> journal_;
+#endif
+  std::unique_ptr<CallSessionCore> core_;
+  // Counters of the cores before the last restart.
+  CoreStats carried_;
   Model model_;
   absl::Time last_activity_[kApps];
 };

@@ -22,6 +22,33 @@ MODEL = {
                    0, TIME, 15, 0, TIME, 15, 0, MAKE, 0, 9],
 }
 
+# durable_model_fuzzer: the same steps; an opcode byte of 240 or more
+# restarts the core on its store (the app byte before it is ignored).
+# Decoding, as the harness does it: a line pick of 2 is the app's own line
+# when it has one; a handle pick of 2 (3 when two apps hold the call) is the
+# app's own handle; MakeCall's choice 17 is dest "100" with request id
+# "r1", 25 with "r2"; a call-id pick of 2 is the first call.
+RESTART = 255
+DURABLE = {
+    "lifecycle-restart": [0, INIT, 1, 0, OPEN, 0, 1, 0, MAKE, 2, 17, 0, RESTART,
+                          0, STATUS, 2, 0, DROP, 2, 0, RESTART, 0, DEALLOC, 2,
+                          0, CLOSE, 2, 0, RESTART, 0, SHUTDOWN],
+    "idempotent-restart": [0, INIT, 1, 0, OPEN, 0, 1, 0, MAKE, 2, 17, 0, RESTART,
+                           0, MAKE, 2, 17, 0, MAKE, 2, 25, 0, RESTART,
+                           0, MAKE, 2, 25, 0, MAKE, 2, 17],
+    "monitor-restart": [0, INIT, 1, 1, INIT, 1, 0, OPEN, 0, 1, 1, OPEN, 0, 2,
+                        0, MAKE, 2, 17, 0, RESTART, 1, STATUS, 3, 0, DROP, 3,
+                        0, RESTART, 1, DEALLOC, 3, 1, CLOSE, 4, 0, RESTART,
+                        0, SHUTDOWN, 1, SHUTDOWN],
+    "inbound-restart": [0, INIT, 1, 0, OPEN, 1, 1, 1, INIT, 1, 1, OPEN, 1, 2,
+                        2, OFFER, 1, 0, RESTART, 0, ANSWER, 3, 2, SETSTATE, 2, 15,
+                        0, RESTART, 0, DROP, 3, 1, NEWCALLS, 4, 2, FORCE, 1,
+                        0, RESTART, 0, SHUTDOWN, 1, SHUTDOWN],
+    "void-restart": [0, INIT, 1, 0, OPEN, 0, 1, 0, MAKE, 2, 17, 0, DROP, 2,
+                     0, DEALLOC, 2, 0, RESTART, 0, MAKE, 2, 25, 0, STATUS, 2,
+                     0, CLOSE, 2, 0, RESTART, 0, TIME, 12, 0, KEEPALIVE],
+}
+
 # request_fuzzer: [rpc][length][message bytes] per record.
 def varint_field(number, value):
     out = bytearray([number << 3])
@@ -52,5 +79,6 @@ def write(corpus, seeds):
             f.write(bytes(data))
 
 write("core_model_fuzzer", MODEL)
+write("durable_model_fuzzer", DURABLE)
 write("request_fuzzer", REQUEST)
 print("seeds written", file=sys.stderr)

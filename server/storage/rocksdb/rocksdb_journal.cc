@@ -288,6 +288,8 @@ absl::StatusOr<std::unique_ptr<Journal>> OpenRocksDbJournal(const RocksDbJournal
   // silently losing what followed it.
   db_options.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
   db_options.max_background_jobs = 2;
+  db_options.write_buffer_size = kRocksDbMemtableBytes;
+  db_options.max_write_buffer_number = 2;
   // RocksDB's own LOG files, in the data directory: bounded.
   db_options.keep_log_file_num = 4;
   db_options.max_log_file_size = 16 << 20;

@@ -32,6 +32,11 @@ namespace callsession {
 // Exit status of the process after a failed journal write.
 inline constexpr int kJournalFailureExitCode = 74;
 
+// RocksDB's memory beyond the serving copy: at most two memtables of this
+// size (one filling, one being flushed). Reads never use its block cache
+// but at recovery, which bypasses it.
+inline constexpr size_t kRocksDbMemtableBytes = 32 << 20;
+
 struct RocksDbJournalOptions {
   // Created (with its parents) if missing.
   std::string data_dir;
