@@ -45,16 +45,27 @@ for (const argument of process.argv.slice(2)) {
     (byKind[object.kind] ??= []).push(object);
   }
 
-  for (const kind of ['Deployment', 'Service', 'PodDisruptionBudget', 'NetworkPolicy',
+  for (const kind of ['StatefulSet', 'Service', 'PodDisruptionBudget', 'NetworkPolicy',
                       'ServiceAccount']) {
     check(overlay, byKind[kind]?.length, `no ${kind}`);
   }
-  const deployment = byKind.Deployment?.[0];
+  check(overlay, !byKind.Deployment, 'the store needs a StatefulSet, not a Deployment');
+  const deployment = byKind.StatefulSet?.[0];
   if (!deployment) continue;
-  const where = `${overlay} Deployment`;
+  const where = `${overlay} StatefulSet`;
   const pod = deployment.spec.template.spec;
-  check(where, deployment.spec.replicas === 1, 'state is in memory: exactly one replica');
-  check(where, deployment.spec.strategy?.type === 'Recreate', 'strategy must be Recreate');
+  check(where, deployment.spec.replicas === 1, 'one process per store: exactly one replica');
+  const governing = (byKind.Service ?? []).find((s) => s.metadata.name === deployment.spec.serviceName);
+  check(where, governing?.spec?.clusterIP === 'None',
+        `serviceName ${deployment.spec.serviceName} must be a rendered headless Service`);
+  const claims = Object.fromEntries(
+    (deployment.spec.volumeClaimTemplates ?? []).map((c) => [c.metadata.name, c]));
+  check(where, Object.keys(claims).length > 0, 'a volumeClaimTemplate for the store');
+  for (const claim of Object.values(claims)) {
+    check(where, claim.spec?.accessModes?.includes('ReadWriteOnce'), 'a ReadWriteOnce volume');
+    check(where, claim.spec?.resources?.requests?.storage, 'a storage request');
+  }
+  check(where, pod.securityContext?.fsGroup === 10001, 'fsGroup 10001, so uid 10001 can write');
   check(where, pod.securityContext?.runAsNonRoot === true, 'pod must run as non-root');
   check(where, pod.automountServiceAccountToken === false, 'no service account token needed');
   for (const container of pod.containers) {
@@ -64,11 +75,21 @@ for (const argument of process.argv.slice(2)) {
     check(at, security.allowPrivilegeEscalation === false, 'no privilege escalation');
     check(at, security.capabilities?.drop?.includes('ALL'), 'drop all capabilities');
     check(at, container.livenessProbe?.grpc?.port === 50051, 'native gRPC liveness probe');
+    const startup = container.startupProbe;
+    const startupBudget = (startup?.periodSeconds ?? 10) * (startup?.failureThreshold ?? 3);
+    check(at, startup?.grpc?.port === 50051 && startupBudget >= 60,
+          `a gRPC startup probe allowing at least 60 s to recover the store (${startupBudget} s)`);
     check(at, container.readinessProbe?.grpc?.port === 50051, 'native gRPC readiness probe');
     check(at, container.resources?.requests?.cpu && container.resources?.requests?.memory,
           'resource requests');
     check(at, container.resources?.limits?.memory, 'memory limit');
     const env = Object.fromEntries((container.env ?? []).map((e) => [e.name, e]));
+    const dataDir = env.CALLSESSION_DATA_DIR?.value ?? '';
+    const mount = (container.volumeMounts ?? []).find(
+      (m) => claims[m.name] && dataDir.startsWith(`${m.mountPath}/`));
+    check(at, mount, `CALLSESSION_DATA_DIR ${dataDir} must be inside a claimed volume's mount`);
+    check(at, env.CALLSESSION_STORE === undefined || env.CALLSESSION_STORE.value === 'rocksdb',
+          'the durable store');
     const secretName = env.CALLSESSION_PROVIDER_TOKEN?.valueFrom?.secretKeyRef?.name;
     check(at, secretName, 'provider token from a Secret');
     const generated = (byKind.Secret ?? []).map((s) => s.metadata.name);

@@ -31,6 +31,7 @@
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
 ABSL_FLAG(std::string, token, "", "app token (default: $CALLSESSION_APP_TOKEN)");
 ABSL_FLAG(std::string, provider_token, "", "provider token (default: $CALLSESSION_PROVIDER_TOKEN)");
+ABSL_FLAG(std::string, admin_token, "", "admin token (default: $CALLSESSION_ADMIN_TOKEN)");
 ABSL_FLAG(absl::Duration, deadline, absl::Seconds(5), "deadline of each call");
 ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle to verify a TLS server (enables TLS)");
 ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for mutual TLS");
@@ -65,6 +66,10 @@ Provider commands (need --provider_token or $CALLSESSION_PROVIDER_TOKEN):
   offer DEVICE [CALLER] [CALLED]
   set-state CALL_ID STATE          STATE: e.g. connected, CALL_STATE_IDLE
   force-close DEVICE
+Admin commands (need --admin_token or $CALLSESSION_ADMIN_TOKEN):
+  checkpoint DIR                   write a consistent copy of the server's
+                                   store to DIR (absolute, new) on the
+                                   server's file system: an online backup
 Other:
   demo [DEVICE]                    run a whole call lifecycle step by step
                                    (needs the provider token))";
@@ -74,6 +79,7 @@ using Args = std::vector<std::string>;
 struct Context {
   CallSessionClient app;
   ProviderClient provider;
+  AdminClient admin;
 };
 
 std::string ToJson(const google::protobuf::Message& message) {
@@ -339,6 +345,10 @@ int Dispatch(Context& ctx, const std::string& command, const Args& args) {
     if (!state.ok()) return Fail(state.status());
     return PrintOk(ctx.provider.SetCallState(*call_id, *state));
   }
+  if (command == "checkpoint") {
+    if (!need(1, 1)) return Usage("checkpoint takes DIR");
+    return PrintOr(ctx.admin.CreateCheckpoint(args[0]));
+  }
   if (command == "demo") {
     if (!need(0, 1)) return Usage("demo takes [DEVICE]");
     uint64_t device = 0;
@@ -381,6 +391,10 @@ int main(int argc, char** argv) {
       callsession::ProviderClient(
           channel,
           callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token), "CALLSESSION_PROVIDER_TOKEN"),
+          options),
+      callsession::AdminClient(
+          channel,
+          callsession::FlagOrEnv(absl::GetFlag(FLAGS_admin_token), "CALLSESSION_ADMIN_TOKEN"),
           options)};
   ctx.app.set_token(callsession::FlagOrEnv(absl::GetFlag(FLAGS_token), "CALLSESSION_APP_TOKEN"));
   return callsession::Dispatch(ctx, positional[1],

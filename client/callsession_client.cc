@@ -1,5 +1,6 @@
 #include "client/callsession_client.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -280,6 +281,20 @@ std::unique_ptr<EventStream> CallSessionClient::WatchEvents(uint64_t from_sequen
 }
 
 // ---------------------------------------------------------------------------
+
+AdminClient::AdminClient(std::shared_ptr<grpc::ChannelInterface> channel, std::string admin_token,
+                         ClientOptions options)
+    : options_(options),
+      stub_(admin::v1::AdminService::NewStub(channel)),
+      token_(std::move(admin_token)) {}
+
+absl::StatusOr<admin::v1::CreateCheckpointResponse> AdminClient::CreateCheckpoint(
+    absl::string_view directory) {
+  admin::v1::CreateCheckpointRequest request;
+  request.set_directory(std::string(directory));
+  return Invoke(*stub_, &admin::v1::AdminService::Stub::CreateCheckpoint, request,
+                std::max(options_.deadline, absl::Minutes(1)), token_);
+}
 
 ProviderClient::ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel,
                                std::string provider_token, ClientOptions options)

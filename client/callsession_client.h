@@ -24,6 +24,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "callsession/admin/v1/admin_service.grpc.pb.h"
 #include "callsession/v1/call_session_service.grpc.pb.h"
 #include "callsession/v1/provider_service.grpc.pb.h"
 #include "grpcpp/channel.h"
@@ -137,6 +138,24 @@ class ProviderClient {
  private:
   const ClientOptions options_;
   std::unique_ptr<v1::ProviderService::Stub> stub_;
+  const std::string token_;
+};
+
+// AdminService: operator actions (backups). `admin_token` is the server's
+// CALLSESSION_ADMIN_TOKEN.
+class AdminClient {
+ public:
+  AdminClient(std::shared_ptr<grpc::ChannelInterface> channel, std::string admin_token,
+              ClientOptions options = {});
+
+  // A consistent copy of the server's store in `directory` on the server's
+  // file system (see AdminService.CreateCheckpoint); it may take a while,
+  // so the deadline is at least a minute.
+  absl::StatusOr<admin::v1::CreateCheckpointResponse> CreateCheckpoint(absl::string_view directory);
+
+ private:
+  const ClientOptions options_;
+  std::unique_ptr<admin::v1::AdminService::Stub> stub_;
   const std::string token_;
 };
 

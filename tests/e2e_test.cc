@@ -45,6 +45,50 @@ TEST(EndToEndTest, CallctlDemoRunsAWholeLifecycleAgainstCallsessiond) {
   EXPECT_EQ(daemon.StopWith(SIGTERM), 0) << "graceful shutdown exits 0";
 }
 
+// The documented backup: `callctl checkpoint DIR` while the server runs;
+// restore by starting callsessiond on (a copy of) DIR.
+TEST(EndToEndTest, ACheckpointTakenWithCallctlRestoresInANewServer) {
+  const std::vector<std::string> environment = {
+      absl::StrCat("CALLSESSION_PROVIDER_TOKEN=", kProviderToken),
+      "CALLSESSION_ADMIN_TOKEN=e2e-admin-token"};
+  Daemon daemon({"--listen=127.0.0.1:0"}, environment);
+  const std::string address = daemon.WaitUntilListening();
+  ASSERT_FALSE(address.empty()) << daemon.log();
+  const std::string server = absl::StrCat("--server=", address);
+  CommandResult init = Callctl(server + " init backed-up");
+  ASSERT_EQ(init.exit_code, 0) << init.output;
+  const std::string key = "\"app_token\":\"";
+  const size_t at = init.output.find(key);
+  ASSERT_NE(at, std::string::npos) << init.output;
+  const std::string token =
+      init.output.substr(at + key.size(), init.output.find('"', at + key.size()) - at - key.size());
+  const std::string app = absl::StrCat(server, " --token=", token);
+  CommandResult line = Callctl(app + " line-open 0 owner");
+  ASSERT_EQ(line.exit_code, 0) << line.output;
+  const std::string line_handle = Daemon::LogField(line.output, "line_handle");
+  CommandResult call = Callctl(absl::StrCat(app, " make-call ", line_handle, " +15550100 r-1"));
+  ASSERT_EQ(call.exit_code, 0) << call.output;
+
+  const std::string backup = daemon.working_dir() + "/backup-1";
+  CommandResult refused = Callctl(absl::StrCat(server, " checkpoint ", backup));
+  EXPECT_EQ(refused.exit_code, 1) << "no admin token";
+  EXPECT_TRUE(absl::StrContains(refused.output, "UNAUTHENTICATED")) << refused.output;
+  CommandResult checkpoint =
+      Callctl(absl::StrCat(server, " --admin_token=e2e-admin-token checkpoint ", backup));
+  ASSERT_EQ(checkpoint.exit_code, 0) << checkpoint.output;
+  EXPECT_EQ(daemon.WaitForEvent("checkpoint_created", "directory"), backup);
+  EXPECT_EQ(daemon.StopWith(SIGTERM), 0);
+
+  Daemon restored({"--listen=127.0.0.1:0", "--data_dir=" + backup}, environment);
+  const std::string restored_address = restored.WaitUntilListening();
+  ASSERT_FALSE(restored_address.empty()) << restored.log();
+  CommandResult listing =
+      Callctl(absl::StrCat("--server=", restored_address, " --token=", token, " list-calls"));
+  ASSERT_EQ(listing.exit_code, 0) << listing.output;
+  EXPECT_TRUE(absl::StrContains(listing.output, "+15550100")) << listing.output;
+  EXPECT_EQ(restored.StopWith(SIGTERM), 0);
+}
+
 TEST(EndToEndTest, CallctlSubcommandsShareStateThroughTheToken) {
   Daemon daemon({"--listen=127.0.0.1:0"}, kEnvironment);
   const std::string address = daemon.WaitUntilListening();
