@@ -141,8 +141,13 @@ void LookupLoop(benchmark::State& state, size_t working_set, uint64_t seed) {
   Fill<Table>(state);
   Filled<Table>& f = Shared<Table>();
   Random random(state.thread_index() + seed);
-  const size_t span = working_set == 0 ? f.handles.size() : std::min(working_set, f.handles.size());
+  // Read after the loop's start barrier: until then thread 0 may still be
+  // filling the table.
+  size_t span = 0;
   for (auto _ : state) {
+    if (span == 0) {
+      span = working_set == 0 ? f.handles.size() : std::min(working_set, f.handles.size());
+    }
     benchmark::DoNotOptimize(f.table->Find(f.handles[random.Next() % span]));
   }
   state.SetItemsProcessed(state.iterations());
