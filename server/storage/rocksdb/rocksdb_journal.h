@@ -3,12 +3,15 @@
 // and SST files are the snapshot; this adapter adds group commit and
 // fail-stop on top.
 //
-// Group commit: Append only queues an entry (it never blocks on I/O). One
-// writer thread takes everything queued, writes it as one atomic
-// WriteBatch, syncs the log once (with `sync`), then marks it durable and
+// Group commit: Append only queues an entry (it never blocks on I/O). Two
+// threads take turns as the writer: the writer takes everything queued,
+// writes it as one atomic WriteBatch, syncs the log once (with `sync`),
+// marks it durable, passes the writer's turn to the other thread, and then
 // runs the WhenDurable callbacks waiting for it (the gRPC replies, event
-// stream wake-ups). With sync=false the log is written to the OS but not
-// synced: it survives the process being killed, not a power loss.
+// stream wake-ups) while the other writes the next batch. Batches are
+// written one after another, in append order. With sync=false the log is
+// written to the OS but not synced: it survives the process being killed,
+// not a power loss.
 //
 // Fail-stop: if a write or sync fails (disk full, I/O error), the process
 // logs `journal_write_failed` and exits with status 74 (EX_IOERR) at once:
