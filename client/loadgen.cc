@@ -11,6 +11,9 @@
 //                  comes from the AppNewCallEvent on the owner's event stream
 //   memory         server RSS (--server_pid) before, with --calls live calls,
 //                  with one extra (monitor) handle per call, and after all are gone
+//   populate       makes --calls live calls and leaves them (for recovery
+//                  benchmarks); reports the app token
+//   drain          drops and deallocates every call the app --token holds
 // Closed loop by default (--concurrency RPCs in flight, spread over --channels
 // connections); --rate=R sends R requests/s open loop instead, with latency
 // measured from each request's scheduled time (no coordinated omission).
@@ -40,7 +43,8 @@
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
 ABSL_FLAG(std::string, provider_token, "",
           "provider token for inbound (default: $CALLSESSION_PROVIDER_TOKEN)");
-ABSL_FLAG(std::string, scenario, "get-call-info", "get-call-info, lifecycle, inbound or memory");
+ABSL_FLAG(std::string, scenario, "get-call-info",
+          "get-call-info, lifecycle, inbound, memory, populate or drain");
 ABSL_FLAG(int32_t, concurrency, 64, "RPCs in flight (closed loop), or at most (open loop)");
 ABSL_FLAG(int32_t, channels, 4, "client connections");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(10), "measured time");
@@ -49,6 +53,7 @@ ABSL_FLAG(double, rate, 0, "requests per second, open loop; 0: closed loop");
 ABSL_FLAG(int32_t, calls, 1000, "get-call-info: live handles read; memory: live calls made");
 ABSL_FLAG(int32_t, devices, 16, "devices the load is spread over");
 ABSL_FLAG(int32_t, server_pid, 0, "memory: the callsessiond process to read RSS from");
+ABSL_FLAG(std::string, token, "", "drain: the app whose calls to drop and deallocate");
 ABSL_FLAG(std::string, json, "", "also write the report as JSON to this file");
 ABSL_FLAG(uint64_t, fixed_handle, 0,
           "get-call-info: read only this handle and skip all setup (for the empty-handler "
@@ -575,6 +580,59 @@ int RunMemory(Setup& setup, std::shared_ptr<grpc::Channel> channel) {
   return 0;
 }
 
+// Writes `json` to --json if set.
+void WriteJson(const std::string& json) {
+  if (const std::string path = absl::GetFlag(FLAGS_json); !path.empty()) {
+    std::ofstream(path) << json << "\n";
+  }
+}
+
+int RunPopulate(Setup& setup) {
+  const int calls = absl::GetFlag(FLAGS_calls);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<std::vector<uint64_t>> handles =
+      MakeCalls(setup, calls, std::max(1, absl::GetFlag(FLAGS_concurrency)));
+  if (!handles.ok()) return Fail("MakeCall", handles.status());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::printf("populate: %d live calls in %.1f s (%.0f/s)\n", calls, seconds, calls / seconds);
+  WriteJson(
+      absl::StrFormat("{\"scenario\":\"populate\",\"calls\":%d,\"seconds\":%.3f,\"token\":\"%s\"}",
+                      calls, seconds, setup.token));
+  return 0;
+}
+
+int RunDrain(const std::string& token, std::shared_ptr<grpc::Channel> channel) {
+  CallSessionClient app(channel, ClientOptions{absl::Minutes(1)});
+  app.set_token(token);
+  const absl::Time start = absl::Now();
+  size_t drained = 0;
+  // Page by page: each page's handles are gone before the next is asked for.
+  std::string page_token;
+  do {
+    absl::StatusOr<v1::ListCallsResponse> page = app.ListCalls(page_token, 10000);
+    if (!page.ok()) return Fail("ListCalls", page.status());
+    std::vector<uint64_t> handles;
+    for (const auto& entry : page->calls()) handles.push_back(entry.call_handle());
+    absl::Status status = ForEachHandle(
+        handles, token, std::max(1, absl::GetFlag(FLAGS_concurrency)),
+        [](CallSessionClient& client, uint64_t handle) {
+          absl::Status dropped = client.Drop(handle);
+          if (!dropped.ok() && dropped.code() != absl::StatusCode::kFailedPrecondition) {
+            return dropped;  // FAILED_PRECONDITION: already IDLE
+          }
+          return client.DeallocateCall(handle);
+        });
+    if (!status.ok()) return Fail("Drop/DeallocateCall", status);
+    drained += handles.size();
+    page_token = page->next_page_token();
+  } while (!page_token.empty());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::printf("drain: %zu calls dropped and deallocated in %.1f s\n", drained, seconds);
+  WriteJson(
+      absl::StrFormat("{\"scenario\":\"drain\",\"calls\":%d,\"seconds\":%.3f}", drained, seconds));
+  return 0;
+}
+
 void ReadEvents(Stub* stub, const std::string& token, InboundRouter* router,
                 grpc::ClientContext* context) {
   Authorize(context, token);
@@ -597,12 +655,19 @@ int Main() {
     if (const char* env = std::getenv("CALLSESSION_PROVIDER_TOKEN")) setup.provider_token = env;
   }
   const bool known = setup.scenario == "get-call-info" || setup.scenario == "lifecycle" ||
-                     setup.scenario == "inbound" || setup.scenario == "memory";
+                     setup.scenario == "inbound" || setup.scenario == "memory" ||
+                     setup.scenario == "populate" || setup.scenario == "drain";
   if (!known) {
     return Fail("--scenario", absl::InvalidArgumentError(setup.scenario));
   }
 
   auto channel = NewConnection(server);
+  if (setup.scenario == "drain") {
+    if (absl::GetFlag(FLAGS_token).empty()) {
+      return Fail("drain", absl::InvalidArgumentError("--token is required"));
+    }
+    return RunDrain(absl::GetFlag(FLAGS_token), channel);
+  }
   CallSessionClient app(channel);
   const uint64_t fixed_handle = absl::GetFlag(FLAGS_fixed_handle);
   if (fixed_handle != 0) {
@@ -624,6 +689,7 @@ int Main() {
     }
   }
   if (setup.scenario == "memory") return RunMemory(setup, channel);
+  if (setup.scenario == "populate") return RunPopulate(setup);
 
   if (setup.scenario == "get-call-info" && fixed_handle == 0) {
     absl::StatusOr<std::vector<uint64_t>> handles = MakeCalls(setup, absl::GetFlag(FLAGS_calls), 8);

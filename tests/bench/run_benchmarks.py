@@ -13,6 +13,14 @@ server, redis-server) and runs, in order:
      loop at half that rate for latency), lifecycle and inbound;
   4. memory: RSS per live call and per extra handle at 1e5 and 1e6 calls,
      and after everything is deallocated.
+  5. durability: this machine's fsync latency; GetCallInfo on the RocksDB
+     store vs the memory store (h2load, alternating); lifecycle throughput
+     and latency on memory, RocksDB --sync=true and --sync=false (alternating
+     triples); bytes written per lifecycle; recovery of 1e6 live calls
+     (time, RSS before the kill and after), the data directory's size, and
+     the space given back once every call is deallocated.
+Sections 1-4 run on the memory store (--store=memory), as before the
+durable store existed.
 Writes OUT_DIR/results.json and OUT_DIR/BENCHMARKS-tables.md. Every figure is
 the median of the repetitions shown. The machine is shared and noisy: compare
 the ratios, which are measured in the same run.
@@ -37,10 +45,11 @@ H2_REQUESTS = 50_000 if QUICK else 200_000
 CONCURRENCY = H2_CONNECTIONS * H2_STREAMS
 LOAD_SECONDS = "3s" if QUICK else "10s"
 MEMORY_SIZES = [100_000] if QUICK else [100_000, 1_000_000]
+RECOVERY_CALLS = 100_000 if QUICK else 1_000_000
 
 os.makedirs(OUT, exist_ok=True)
 results = {"machine": {}, "microbenchmarks": {}, "h2load": {}, "redis": {}, "loadgen": {},
-           "memory": {}, "targets": {}}
+           "memory": {}, "durability": {}, "targets": {}}
 
 
 def log(message):
@@ -66,11 +75,11 @@ def machine():
 class Server:
     """A server process on a free loopback port."""
 
-    def __init__(self, argv, env=None, ready=None):
+    def __init__(self, argv, env=None, ready=None, stderr=None):
         self.port = free_port()
         self.argv = [a.replace("PORT", str(self.port)) for a in argv]
         self.process = subprocess.Popen(self.argv, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=stderr or subprocess.DEVNULL)
         deadline = time.time() + 30
         while time.time() < deadline:
             with socket.socket() as s:
@@ -87,13 +96,13 @@ class Server:
             self.process.kill()
 
 
-def callsessiond(extra=()):
-    env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": "warning"}
+def callsessiond(extra=(), store=("--store=memory",), log_level="warning", stderr=None):
+    env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": log_level}
     return Server([f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
                    "--shutdown_grace=1s",
                    # Leases stay on (their per-RPC cost is measured), long
                    # enough that set-up apps outlive the idle phases.
-                   "--app_ttl=10m", *extra], env=env)
+                   "--app_ttl=10m", *store, *extra], env=env, stderr=stderr)
 
 
 def run(argv, **kwargs):
@@ -290,6 +299,182 @@ def memory():
             server.stop()
 
 
+# --- 5. durability -----------------------------------------------------------------
+
+def fsync_latency(directory, count=500):
+    """fdatasync after a 512-byte append, as a WAL sync does: p50/p99 in us."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    samples = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 512)
+            start = time.perf_counter()
+            os.fdatasync(fd)
+            samples.append((time.perf_counter() - start) * 1e6)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    samples.sort()
+    return {"p50_us": samples[len(samples) // 2], "p99_us": samples[int(len(samples) * 0.99)]}
+
+
+def metric(port, name):
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        text = b""
+        while chunk := s.recv(65536):
+            text += chunk
+    m = re.search(rf"^{name} ([0-9.e+]+)$", text.decode(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def written_bytes(pid):
+    with open(f"/proc/{pid}/io") as f:
+        return int(re.search(r"^write_bytes: (\d+)", f.read(), re.M).group(1))
+
+
+def directory_bytes(path):
+    """Bytes allocated on disk (du): RocksDB preallocates its log."""
+    return int(run(["du", "-sb", path]).stdout.split()[0])
+
+
+def rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+STORES = {"memory": ["--store=memory"], "rocksdb-sync": ["--sync=true"],
+          "rocksdb-nosync": ["--sync=false"]}
+
+
+def durable_server(data, name, extra=(), **kwargs):
+    store = STORES[name]
+    if name != "memory":
+        store = [*store, f"--data_dir={data}/{name}-{time.monotonic_ns()}"]
+    metrics_port = free_port()
+    server = callsessiond([f"--metrics_listen=127.0.0.1:{metrics_port}", *extra], store=store,
+                          **kwargs)
+    server.metrics_port = metrics_port
+    return server
+
+
+def durability():
+    d = results["durability"]
+    data = tempfile.mkdtemp(prefix="durability-", dir=OUT)
+    d["fsync"] = fsync_latency(data)
+    log(f"fsync (fdatasync) on the data directory's file system: {d['fsync']}")
+
+    log("h2load GetCallInfo: RocksDB store vs memory store, alternating")
+    with tempfile.NamedTemporaryFile(delete=False, suffix=".bin") as f:
+        body = f.name
+    ours, base = [], []
+    for _ in range(max(REPEATS, 5) if not QUICK else 1):
+        for name, rates in (("rocksdb-sync", ours), ("memory", base)):
+            server = durable_server(data, name)
+            try:
+                token, handle = live_handle(server.port)
+                with open(body, "wb") as out:
+                    out.write(grpc_frame(handle))
+                rates.append(h2load_once(server.port, token, body))
+            finally:
+                server.stop()
+    os.unlink(body)
+    d["get_call_info"] = {"rocksdb_rps": statistics.median(ours),
+                          "memory_rps": statistics.median(base),
+                          "ratio": statistics.median(o / b for o, b in zip(ours, base))}
+
+    log(f"loadgen lifecycle, {CONCURRENCY} in flight: memory, RocksDB sync, RocksDB no sync, "
+        "alternating")
+    runs = {name: [] for name in STORES}
+    for _ in range(max(REPEATS, 3) if not QUICK else 1):
+        for name in STORES:
+            server = durable_server(data, name)
+            try:
+                before = written_bytes(server.process.pid)
+                report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
+                                 "--channels=4")
+                calls = metric(server.metrics_port, "callsession_calls_created_total")
+                report["journal_bytes_per_lifecycle"] = (
+                    metric(server.metrics_port, "callsession_journal_bytes_total") / calls)
+                report["journal_batches_per_lifecycle"] = (
+                    metric(server.metrics_port, "callsession_journal_batches_total") / calls)
+                report["disk_bytes_per_lifecycle"] = (
+                    (written_bytes(server.process.pid) - before) / calls)
+                runs[name].append(report)
+            finally:
+                server.stop()
+    lifecycle = {}
+    for name, reports in runs.items():
+        rates = [r["lifecycles_per_second"] for r in reports]
+        middle = sorted(reports, key=lambda r: r["lifecycles_per_second"])[len(reports) // 2]
+        lifecycle[name] = {"lifecycles_per_second": statistics.median(rates),
+                           "runs": rates, "rpcs": middle["rpcs"],
+                           "journal_bytes_per_lifecycle": middle["journal_bytes_per_lifecycle"],
+                           "journal_batches_per_lifecycle":
+                               middle["journal_batches_per_lifecycle"],
+                           "disk_bytes_per_lifecycle": middle["disk_bytes_per_lifecycle"]}
+    for name in ("rocksdb-sync", "rocksdb-nosync"):
+        lifecycle[name]["ratio"] = statistics.median(
+            r["lifecycles_per_second"] / m["lifecycles_per_second"]
+            for r, m in zip(runs[name], runs["memory"]))
+    d["lifecycle"] = lifecycle
+
+    log(f"recovery of {RECOVERY_CALLS} live calls")
+    store = f"{data}/recovery"
+    server = callsessiond(["--max_call_handles_per_app=0", "--sync=false"],
+                          store=[f"--data_dir={store}"])
+    try:
+        out = os.path.join(OUT, "populate.json")
+        run([f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{server.port}",
+             "--scenario=populate", f"--calls={RECOVERY_CALLS}", "--concurrency=16",
+             f"--json={out}"])
+        with open(out) as f:
+            token = json.load(f)["token"]
+        rss_before = rss(server.process.pid)
+        size_live = directory_bytes(store)
+    finally:
+        server.process.kill()  # kill -9: nothing is flushed or closed
+        server.process.wait()
+    log_path = os.path.join(OUT, "recovery.log")
+    started = time.monotonic()
+    with open(log_path, "w") as log_file:
+        server = callsessiond(["--max_call_handles_per_app=0"], store=[f"--data_dir={store}"],
+                              log_level="info", stderr=log_file)
+    try:
+        deadline = time.monotonic() + 120
+        recovered = None
+        while time.monotonic() < deadline and recovered is None:
+            with open(log_path) as f:
+                for line in f:
+                    entry = json.loads(line)
+                    if entry.get("event") == "recovered":
+                        recovered = entry
+            time.sleep(0.02)
+        to_serving = time.monotonic() - started
+        time.sleep(2)  # let the allocator settle, as before the kill
+        rss_after = rss(server.process.pid)
+        out = os.path.join(OUT, "drain.json")
+        run([f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{server.port}",
+             "--scenario=drain", f"--token={token}", "--concurrency=16", f"--json={out}"])
+        size_drained = directory_bytes(store)
+        time.sleep(10)
+        size_drained_later = directory_bytes(store)
+    finally:
+        server.stop()
+    size_stopped = directory_bytes(store)
+    d["recovery"] = {"calls": RECOVERY_CALLS, "recovered": recovered,
+                     "seconds_to_serving": to_serving,
+                     "rss_before_kill": rss_before, "rss_after_recovery": rss_after,
+                     "rss_ratio": rss_after / rss_before,
+                     "data_dir_bytes_live": size_live,
+                     "data_dir_bytes_per_million_calls": size_live * 1e6 / RECOVERY_CALLS,
+                     "data_dir_bytes_after_drain": size_drained,
+                     "data_dir_bytes_10s_after_drain": size_drained_later,
+                     "data_dir_bytes_after_stop": size_stopped}
+    run(["rm", "-rf", data])
+
+
 def targets():
     t = {}
     h2 = results["h2load"]
@@ -319,6 +504,16 @@ def targets():
         t[f"bytes per live call at {calls} <= 256"] = m["bytes_per_call"]
         t[f"bytes per extra handle at {calls} <= 64"] = m["bytes_per_extra_handle"]
         t[f"RSS after / before at {calls} <= 1.25"] = m["after_over_before"]
+    d = results["durability"]
+    if d:
+        t["GetCallInfo RocksDB store vs memory store >= 0.95"] = d["get_call_info"]["ratio"]
+        t["lifecycle RocksDB --sync=true vs memory >= 0.75"] = \
+            d["lifecycle"]["rocksdb-sync"]["ratio"]
+        t["lifecycle RocksDB --sync=false vs memory >= 0.85"] = \
+            d["lifecycle"]["rocksdb-nosync"]["ratio"]
+        r = d["recovery"]
+        t[f"recovery of {r['calls']} live calls, seconds <= 5"] = r["recovered"]["seconds"]
+        t["RSS after recovery / before the kill <= 1.1"] = r["rss_ratio"]
     results["targets"] = t
 
 
@@ -368,6 +563,46 @@ def tables():
                          f"{m['bytes_per_extra_handle']:.0f} | {m['rss_before'] / 2**20:.1f} | "
                          f"{m['rss_with_calls'] / 2**20:.1f} | {m['rss_after'] / 2**20:.1f} | "
                          f"{m['after_over_before']:.2f} |")
+    d = r["durability"]
+    if d:
+        fs = d["fsync"]
+        lines += ["", "### Durability", "",
+                  f"fdatasync of a 512-byte append on this machine: p50 {fs['p50_us']:.0f} us, "
+                  f"p99 {fs['p99_us']:.0f} us.", "",
+                  f"GetCallInfo under h2load: RocksDB store {d['get_call_info']['rocksdb_rps']:,.0f}"
+                  f" req/s, memory store {d['get_call_info']['memory_rps']:,.0f} req/s, ratio "
+                  f"{d['get_call_info']['ratio']:.2f} (median of alternating pairs).", "",
+                  f"Lifecycle (MakeCall, GetCallInfo, Drop, DeallocateCall), {CONCURRENCY} in "
+                  "flight; the ratio is the median of per-run ratios to the memory store run "
+                  "beside it.", "",
+                  "| store | lifecycles/s | vs memory | RPC | p50 us | p99 us | journal bytes "
+                  "per lifecycle | disk bytes per lifecycle | lifecycles per sync |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for name, l in d["lifecycle"].items():
+            first = True
+            for rpc, p in l["rpcs"].items():
+                if first:
+                    ratio = f"{l['ratio']:.2f}" if "ratio" in l else "1.00"
+                    batches = l["journal_batches_per_lifecycle"]
+                    per_sync = f"{1 / batches:.1f}" if batches else ""
+                    lead = (f"| {name} | {l['lifecycles_per_second']:,.0f} | {ratio} ")
+                    tail = (f"| {l['journal_bytes_per_lifecycle']:,.0f} | "
+                            f"{l['disk_bytes_per_lifecycle']:,.0f} | {per_sync} |")
+                else:
+                    lead, tail = "| | | ", "| | | |"
+                lines.append(f"{lead}| {rpc} | {p['p50_us']:.0f} | {p['p99_us']:.0f} {tail}")
+                first = False
+        rec = d["recovery"]
+        lines += ["", f"Recovery of {rec['calls']:,} live calls after kill -9: "
+                  f"{rec['recovered']['seconds']:.2f} s to load ({rec['seconds_to_serving']:.2f} s"
+                  f" from exec to serving); RSS {rec['rss_before_kill'] / 2**20:.0f} MiB before "
+                  f"the kill, {rec['rss_after_recovery'] / 2**20:.0f} MiB after recovery "
+                  f"({rec['rss_ratio']:.2f}x). Data directory (du, with RocksDB's preallocated "
+                  f"log): {rec['data_dir_bytes_live'] / 2**20:.0f} MiB with the calls live, "
+                  f"{rec['data_dir_bytes_after_drain'] / 2**20:.0f} MiB once all were "
+                  f"deallocated, {rec['data_dir_bytes_10s_after_drain'] / 2**20:.0f} MiB 10 s "
+                  f"later, {rec['data_dir_bytes_after_stop'] / 2**20:.1f} MiB after a graceful "
+                  "stop."]
     lines += ["", "### Targets", "", "| target | measured |", "|---|---:|"]
     for name, value in r["targets"].items():
         lines.append(f"| {name} | {value:,.2f} |")
@@ -381,6 +616,7 @@ def main():
     transport_and_redis()
     loadgen_scenarios()
     memory()
+    durability()
     targets()
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
