@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -312,6 +313,30 @@ TEST(OpsTest, EveryFlagCanComeFromTheEnvironmentAndTheCommandLineWins) {
   EXPECT_EQ(overridden.Field("devices"), "5");
 }
 
+TEST(OpsTest, TheStoreIsChosenByFlagOrEnvironment) {
+  // The default: durable, in callsession-data/ under the working directory.
+  Daemon durable({"--listen=127.0.0.1:0"}, Environment());
+  ASSERT_FALSE(durable.WaitUntilListening().empty()) << durable.log();
+  EXPECT_EQ(durable.Field("store"), "rocksdb");
+  EXPECT_EQ(durable.Field("data_dir"), "callsession-data");
+  EXPECT_EQ(durable.Field("sync"), "true");
+  EXPECT_TRUE(std::filesystem::exists(durable.working_dir() + "/callsession-data/CURRENT"));
+  EXPECT_EQ(durable.StopWith(SIGTERM), 0);
+
+  Daemon from_env({}, Environment({"CALLSESSION_LISTEN=127.0.0.1:0",
+                                   "CALLSESSION_DATA_DIR=elsewhere", "CALLSESSION_SYNC=false"}));
+  ASSERT_FALSE(from_env.WaitUntilListening().empty()) << from_env.log();
+  EXPECT_EQ(from_env.Field("data_dir"), "elsewhere");
+  EXPECT_EQ(from_env.Field("sync"), "false");
+  EXPECT_TRUE(std::filesystem::exists(from_env.working_dir() + "/elsewhere/CURRENT"));
+  EXPECT_EQ(from_env.StopWith(SIGTERM), 0);
+
+  Daemon memory({}, Environment({"CALLSESSION_LISTEN=127.0.0.1:0", "CALLSESSION_STORE=memory"}));
+  ASSERT_FALSE(memory.WaitUntilListening().empty()) << memory.log();
+  EXPECT_EQ(memory.Field("store"), "memory");
+  EXPECT_FALSE(std::filesystem::exists(memory.working_dir() + "/callsession-data"));
+}
+
 TEST(OpsTest, InvalidValuesRefuseToStartWithAClearMessage) {
   struct Case {
     std::vector<std::string> flags;
@@ -327,6 +352,8 @@ TEST(OpsTest, InvalidValuesRefuseToStartWithAClearMessage) {
       {{"--tls_client_ca=/x.pem"}, {}, "needs a TLS certificate"},
       {{"--keepalive_time=0s"}, {}, "keepalive_time must be positive"},
       {{"--max_receive_message_bytes=10"}, {}, "max_receive_message_bytes"},
+      {{"--store=redis"}, {}, "--store must be rocksdb or memory"},
+      {{}, {"CALLSESSION_SYNC=maybe"}, "CALLSESSION_SYNC"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> flags = c.flags;
@@ -342,12 +369,27 @@ TEST(OpsTest, InvalidValuesRefuseToStartWithAClearMessage) {
 
 TEST(OpsTest, HelpDocumentsEveryFlagAndTheEnvironment) {
   CommandResult help = RunCommand(absl::StrCat(CALLSESSIOND_PATH, " --help"));
-  for (const char* flag :
-       {"--listen", "--devices", "--shards", "--metrics_listen", "--reflection", "--log_level",
-        "--shutdown_grace", "--tls_cert", "--tls_key", "--tls_client_ca",
-        "--max_receive_message_bytes", "--max_concurrent_streams", "--keepalive_time",
-        "--max_connection_age", "--mutex_deadlock_detection", "CALLSESSION_<FLAG>",
-        "CALLSESSION_PROVIDER_TOKEN"}) {
+  for (const char* flag : {"--listen",
+                           "--devices",
+                           "--shards",
+                           "--metrics_listen",
+                           "--reflection",
+                           "--log_level",
+                           "--shutdown_grace",
+                           "--tls_cert",
+                           "--tls_key",
+                           "--tls_client_ca",
+                           "--max_receive_message_bytes",
+                           "--max_concurrent_streams",
+                           "--keepalive_time",
+                           "--max_connection_age",
+                           "--mutex_deadlock_detection",
+                           "--store",
+                           "--data_dir",
+                           "--sync",
+                           "CALLSESSION_<FLAG>",
+                           "CALLSESSION_PROVIDER_TOKEN",
+                           "CALLSESSION_ADMIN_TOKEN"}) {
     EXPECT_TRUE(absl::StrContains(help.output, flag)) << flag;
   }
 }
