@@ -572,7 +572,8 @@ void InboundWorker(Shared& shared, App& owner, App& monitor, uint32_t device, in
 
     // Move the owner's calls along: answer, disconnect, drop, deallocate.
     bool acted = false;
-    for (auto& [handle, known] : owner.handles()) {
+    for (auto& [held, known] : owner.handles()) {
+      const uint64_t handle = held;  // lambdas cannot capture a binding (C++17)
       if (known.state == v1::CALL_STATE_OFFERING) {
         auto answered = owner.Retry([&] { return owner.client().Answer(handle); });
         if (!answered.ok() && answered.code() != absl::StatusCode::kFailedPrecondition) {
@@ -601,12 +602,11 @@ void InboundWorker(Shared& shared, App& owner, App& monitor, uint32_t device, in
         break;
       }
       if (known.state == v1::CALL_STATE_IDLE) {
-        const uint64_t idle = handle;
-        auto freed = owner.Retry([&] { return owner.client().DeallocateCall(idle); });
+        auto freed = owner.Retry([&] { return owner.client().DeallocateCall(handle); });
         if (!freed.ok() && freed.code() != absl::StatusCode::kNotFound) {
           shared.findings.Violation(absl::StrCat(owner.name(), ": Deallocate ", freed.ToString()));
         }
-        owner.Void(idle);
+        owner.Void(handle);
         shared.findings.Count("acked_deallocate");
         acted = true;
         break;
