@@ -74,7 +74,9 @@ class Journal {
       absl::FunctionRef<void(JournalWriter& writer, uint64_t position)> write) = 0;
 
   // The position of the last entry appended, and of the last one durable
-  // (it and every earlier one survive a crash). Any thread.
+  // (it and every earlier one survive a crash). Any thread; they must not
+  // block or take a lock that is held while a `write` runs: the core reads
+  // them under its own locks (an event queue's among them).
   virtual uint64_t appended_position() const = 0;
   virtual uint64_t durable_position() const = 0;
 
