@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "grpc/grpc.h"
+#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/impl/server_builder_option.h"
@@ -119,6 +120,10 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
       std::make_unique<AdminGrpcService>(&server->serving_, options.admin_token);
 
   grpc::EnableDefaultHealthCheckService(true);
+  // gRPC's health service is built in without a protobuf descriptor; using
+  // the generated messages links theirs in, so that reflection can describe
+  // grpc.health.v1.Health (grpcurl, buf curl).
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   if (!options.reflection) builder.SetOption(std::make_unique<WithoutReflection>());

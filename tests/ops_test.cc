@@ -21,6 +21,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/callsession_client.h"
+#include "google/protobuf/descriptor.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "grpcpp/create_channel.h"
@@ -145,6 +146,60 @@ std::vector<std::string> ReflectedServices(const std::string& address, grpc::Sta
   }
   *status = stream->Finish();
   return names;
+}
+
+// What grpcurl and buf curl ask before calling a method: the file that
+// defines a symbol. Returns the serialized FileDescriptorProtos (empty on an
+// error, with the reflection service's error message in *error).
+std::vector<std::string> FilesContaining(const std::string& address, const std::string& symbol,
+                                         std::string* error) {
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(Insecure(address));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  auto stream = stub->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest request;
+  request.set_file_containing_symbol(symbol);
+  stream->Write(request);
+  stream->WritesDone();
+  std::vector<std::string> files;
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  while (stream->Read(&response)) {
+    if (response.has_error_response()) *error = response.error_response().error_message();
+    for (const std::string& file : response.file_descriptor_response().file_descriptor_proto()) {
+      files.push_back(file);
+    }
+  }
+  (void)stream->Finish();
+  return files;
+}
+
+TEST(OpsTest, ReflectionDescribesEveryServiceItListsHealthIncluded) {
+  Daemon daemon({"--listen=127.0.0.1:0"}, Environment());
+  const std::string address = daemon.WaitUntilListening();
+  ASSERT_FALSE(address.empty()) << daemon.log();
+  grpc::Status status;
+  for (const std::string& service : ReflectedServices(address, &status)) {
+    std::string error;
+    const std::vector<std::string> files = FilesContaining(address, service, &error);
+    ASSERT_FALSE(files.empty()) << service << " cannot be described: " << error;
+    bool found = false;
+    for (const std::string& bytes : files) {
+      google::protobuf::FileDescriptorProto file;
+      ASSERT_TRUE(file.ParseFromString(bytes));
+      for (const auto& described : file.service()) {
+        found |= absl::StrCat(file.package(), ".", described.name()) == service;
+      }
+    }
+    EXPECT_TRUE(found) << service << " is not in the files reflection returned";
+  }
+  // grpc.health.v1.Health/Check, as grpcurl resolves it.
+  std::string error;
+  const std::vector<std::string> health = FilesContaining(address, "grpc.health.v1.Health", &error);
+  ASSERT_FALSE(health.empty()) << error;
+  google::protobuf::FileDescriptorProto file;
+  ASSERT_TRUE(file.ParseFromString(health.front()));
+  ASSERT_EQ(file.service_size(), 1);
+  EXPECT_EQ(file.service(0).method(0).name(), "Check");
 }
 
 TEST(OpsTest, ReflectionListsTheServicesAndCanBeTurnedOff) {
