@@ -7,7 +7,9 @@
 # get-call-info, places the call that is read; then passes the token and the
 # request to ghz. offer-call needs CALLSESSION_PROVIDER_TOKEN.
 # ghz runs one RPC at a time: the multi-step lifecycle and inbound scenarios
-# are callsession-loadgen's (see README, Benchmarks).
+# are callsession-loadgen's (see README, Benchmarks). ghz takes the target as
+# its last, positional argument (it has no --host flag); extra ghz flags go
+# before it.
 set -euo pipefail
 scenario=${1:?usage: deploy/ghz/run.sh get-call-info|make-call|offer-call [HOST:PORT] [ghz flags...]}
 host=${2:-127.0.0.1:50051}
@@ -23,8 +25,8 @@ field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
 case "$scenario" in
   offer-call)
     : "${CALLSESSION_PROVIDER_TOKEN:?offer-call needs CALLSESSION_PROVIDER_TOKEN}"
-    exec "$ghz" --config "$config" --host "$host" \
-      -m "{\"authorization\":\"Bearer $CALLSESSION_PROVIDER_TOKEN\"}" "$@"
+    exec "$ghz" --config "$config" \
+      -m "{\"authorization\":\"Bearer $CALLSESSION_PROVIDER_TOKEN\"}" "$@" "$host"
     ;;
 esac
 
@@ -40,4 +42,4 @@ case "$scenario" in
     data="{\"line_handle\":\"$line\",\"dest_address\":\"+15550100\"}"
     ;;
 esac
-exec "$ghz" --config "$config" --host "$host" -m "$metadata" -d "$data" "$@"
+exec "$ghz" --config "$config" -m "$metadata" -d "$data" "$@" "$host"
