@@ -1,7 +1,11 @@
 #include "server/metrics.h"
 
+#include <microhttpd.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include <array>
-#include <exception>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -10,10 +14,10 @@
 #include "google/protobuf/descriptor.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
 #include "server/core/log.h"
 
 namespace callsession {
@@ -118,6 +122,99 @@ prometheus::ClientMetric Value(double value, bool counter) {
 
 }  // namespace
 
+// GET /metrics over HTTP/1.1 (libmicrohttpd, one polling thread): the
+// collectables' families in Prometheus's text format. A wildcard IPv6 host
+// ("[::]") listens on IPv4 too.
+class MetricsEndpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
+      const std::string& address,
+      std::vector<std::shared_ptr<prometheus::Collectable>> collectables) {
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos || colon == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("metrics address must be HOST:PORT, got \"", address, "\""));
+    }
+    std::string host = address.substr(0, colon);
+    const std::string port = address.substr(colon + 1);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+      host = host.substr(1, host.size() - 2);
+    }
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    addrinfo* found = nullptr;
+    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot resolve the metrics address \"", address, "\""));
+    }
+    std::unique_ptr<addrinfo, void (*)(addrinfo*)> resolved(found, freeaddrinfo);
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD;
+    if (found->ai_family == AF_INET6) {
+      const auto* v6 = reinterpret_cast<const sockaddr_in6*>(found->ai_addr);
+      flags |= IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr) ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+    }
+    std::unique_ptr<MetricsEndpoint> endpoint(new MetricsEndpoint(std::move(collectables)));
+    endpoint->daemon_ =
+        MHD_start_daemon(flags, 0, nullptr, nullptr, &MetricsEndpoint::Handle, endpoint.get(),
+                         MHD_OPTION_SOCK_ADDR, found->ai_addr, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
+                         MHD_OPTION_CONNECTION_LIMIT, 64u, MHD_OPTION_END);
+    if (endpoint->daemon_ == nullptr) {
+      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", address));
+    }
+    const MHD_DaemonInfo* info = MHD_get_daemon_info(endpoint->daemon_, MHD_DAEMON_INFO_BIND_PORT);
+    endpoint->port_ = info != nullptr ? info->port : 0;
+    return endpoint;
+  }
+
+  ~MetricsEndpoint() {
+    if (daemon_ != nullptr) MHD_stop_daemon(daemon_);
+  }
+
+  int port() const { return port_; }
+
+ private:
+  explicit MetricsEndpoint(std::vector<std::shared_ptr<prometheus::Collectable>> collectables)
+      : collectables_(std::move(collectables)) {}
+
+  static MHD_Result Handle(void* self, MHD_Connection* connection, const char* url,
+                           const char* method, const char* version, const char* upload_data,
+                           size_t* upload_data_size, void** request_state) {
+    const bool get = std::strcmp(method, "GET") == 0 || std::strcmp(method, "HEAD") == 0;
+    const bool metrics = std::strcmp(url, "/metrics") == 0;
+    std::string body = !get       ? "only GET\n"
+                       : !metrics ? "not found: scrape /metrics\n"
+                                  : static_cast<MetricsEndpoint*>(self)->Render();
+    MHD_Response* response =
+        MHD_create_response_from_buffer(body.size(), body.data(), MHD_RESPMEM_MUST_COPY);
+    MHD_add_response_header(
+        response, MHD_HTTP_HEADER_CONTENT_TYPE,
+        metrics && get ? "text/plain; version=0.0.4; charset=utf-8" : "text/plain; charset=utf-8");
+    const MHD_Result queued = MHD_queue_response(connection,
+                                                 !get      ? MHD_HTTP_METHOD_NOT_ALLOWED
+                                                 : metrics ? MHD_HTTP_OK
+                                                           : MHD_HTTP_NOT_FOUND,
+                                                 response);
+    MHD_destroy_response(response);
+    return queued;
+  }
+
+  std::string Render() const {
+    std::vector<prometheus::MetricFamily> families;
+    for (const auto& collectable : collectables_) {
+      std::vector<prometheus::MetricFamily> more = collectable->Collect();
+      families.insert(families.end(), std::make_move_iterator(more.begin()),
+                      std::make_move_iterator(more.end()));
+    }
+    return prometheus::TextSerializer().Serialize(families);
+  }
+
+  const std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
+  MHD_Daemon* daemon_ = nullptr;
+  int port_ = 0;
+};
+
 // The core's counters and live gauges, read at scrape time.
 class CoreCollector final : public prometheus::Collectable {
  public:
@@ -208,16 +305,11 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
       metrics->methods_.emplace(full, metrics->NewMethodMetrics(full, type));
     }
   }
-  try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
-  }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  metrics->exposer_->RegisterCollectable(metrics->core_collector_);
-  const std::vector<int> ports = metrics->exposer_->GetListeningPorts();
-  metrics->port_ = ports.empty() ? 0 : ports.front();
+  absl::StatusOr<std::unique_ptr<MetricsEndpoint>> endpoint =
+      MetricsEndpoint::Start(address, {metrics->registry_, metrics->core_collector_});
+  if (!endpoint.ok()) return endpoint.status();
+  metrics->endpoint_ = *std::move(endpoint);
+  metrics->port_ = metrics->endpoint_->port();
   return metrics;
 }
 

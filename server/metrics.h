@@ -1,4 +1,5 @@
-// Prometheus metrics on their own HTTP port (/metrics):
+// Prometheus metrics on their own HTTP port (GET /metrics, served by
+// libmicrohttpd; "[::]:PORT" listens on IPv6 and IPv4 alike):
 //  - per RPC, with go-grpc-prometheus names and labels (grpc_type,
 //    grpc_service, grpc_method, and grpc_code where it applies):
 //    grpc_server_started_total, grpc_server_handled_total,
@@ -30,7 +31,7 @@
 #include "server/serving_core.h"
 
 namespace prometheus {
-class Exposer;
+class Collectable;
 class Gauge;
 class Histogram;
 class Registry;
@@ -40,6 +41,7 @@ namespace callsession {
 
 struct MethodMetrics;
 class CoreCollector;
+class MetricsEndpoint;
 
 // RPCs the server accepted (its handler ran) and how they ended.
 struct RpcTotals {
@@ -84,7 +86,7 @@ class ServerMetrics {
   std::shared_ptr<CoreCollector> core_collector_;
   std::unique_ptr<JournalObserver> journal_observer_;
   prometheus::Gauge* recovery_seconds_ = nullptr;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsEndpoint> endpoint_;
   int port_ = 0;
   // Built in Start and never changed afterwards: read without a lock.
   absl::flat_hash_map<std::string, std::unique_ptr<MethodMetrics>> methods_;

@@ -347,6 +347,25 @@ TEST(OpsTest, LogLevelFiltersLines) {
   EXPECT_FALSE(absl::StrContains(daemon.log(), "\"level\":\"info\"")) << daemon.log();
 }
 
+TEST(OpsTest, AWildcardIpv6AddressServesIpv4AndIpv6Alike) {
+  // What the image uses ([::]): dual-stack clusters reach it either way.
+  Daemon daemon({"--listen=[::]:0", "--metrics_listen=[::]:0"}, Environment());
+  const std::string address = daemon.WaitUntilListening();
+  ASSERT_FALSE(address.empty()) << daemon.log();
+  const std::string port = address.substr(address.rfind(':') + 1);
+  const int metrics_port = std::stoi(daemon.Field("metrics_port"));
+  for (const char* host : {"127.0.0.1", "[::1]"}) {
+    CallSessionClient app(Insecure(absl::StrCat(host, ":", port)));
+    EXPECT_THAT(app.Initialize("dual-stack"), IsOk()) << host;
+  }
+  for (const std::string& url : {absl::StrCat("http://127.0.0.1:", metrics_port, "/metrics"),
+                                 absl::StrCat("http://[::1]:", metrics_port, "/metrics")}) {
+    const CommandResult curl = RunCommand(absl::StrCat("curl -sf ", url));
+    EXPECT_EQ(curl.exit_code, 0) << url << ": " << curl.output;
+    EXPECT_TRUE(absl::StrContains(curl.output, "callsession_live_apps")) << url;
+  }
+}
+
 // --- Configuration -------------------------------------------------------------------
 
 TEST(OpsTest, EveryFlagCanComeFromTheEnvironmentAndTheCommandLineWins) {
