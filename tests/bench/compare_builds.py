@@ -1,0 +1,99 @@
+#!/usr/bin/python3
+"""Compares two callsessiond builds on the memory store, alternating runs:
+GetCallInfo under h2load (4 connections x 16 streams, 200,000 requests) and
+callsession-loadgen's lifecycle scenario (64 in flight, 6 s). Prints each
+median and the median of the per-pair ratios (new / old).
+
+    compare_builds.py OLD_CALLSESSIOND NEW_BUILD_DIR [PAIRS]
+
+NEW_BUILD_DIR provides callsessiond, callctl and callsession-loadgen. An old
+build from before --store existed is run without it.
+"""
+import json, re, socket, statistics, subprocess, sys, time
+
+OLD = sys.argv[1]
+NEW = f"{sys.argv[2]}/server/callsessiond"
+CTL = f"{sys.argv[2]}/client/callctl"
+LOADGEN = f"{sys.argv[2]}/client/callsession-loadgen"
+PAIRS = int(sys.argv[3]) if len(sys.argv) > 3 else 7
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(binary, extra):
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, f"--listen=127.0.0.1:{port}", "--app_ttl=10m", "--max_call_handles_per_app=0",
+         *extra], stderr=subprocess.DEVNULL, env={"CALLSESSION_PROVIDER_TOKEN": "compare"})
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    raise RuntimeError(f"{binary} did not start")
+
+
+def callctl(port, *args):
+    out = subprocess.run([CTL, f"--server=127.0.0.1:{port}", *args], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)
+
+
+def frame(handle):
+    body = bytearray([0x08])
+    while True:
+        byte = handle & 0x7F
+        handle >>= 7
+        body.append(byte | (0x80 if handle else 0))
+        if not handle:
+            return bytes([0]) + len(body).to_bytes(4, "big") + bytes(body)
+
+
+def h2load(binary, extra):
+    process, port = start(binary, extra)
+    try:
+        token = callctl(port, "init", "compare")["app_token"]
+        line = callctl(port, f"--token={token}", "line-open", "0")["line_handle"]
+        call = callctl(port, f"--token={token}", "make-call", line, "+15550100")["call_handle"]
+        with open("/tmp/compare-builds.bin", "wb") as f:
+            f.write(frame(int(call)))
+        out = subprocess.run(
+            ["h2load", "-n", "200000", "-c", "4", "-m", "16", "-d", "/tmp/compare-builds.bin",
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-H", f"authorization: Bearer {token}",
+             f"http://127.0.0.1:{port}/callsession.v1.CallSessionService/GetCallInfo"],
+            capture_output=True, text=True, check=True).stdout
+        return float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def lifecycle(binary, extra):
+    process, port = start(binary, extra)
+    try:
+        out = subprocess.run(
+            [LOADGEN, f"--server=127.0.0.1:{port}", "--scenario=lifecycle", "--concurrency=64",
+             "--channels=4", "--duration=6s", "--warmup=1s"],
+            capture_output=True, text=True, check=True).stdout
+        return float(re.search(r"lifecycles/s ([\d.]+)", out).group(1))
+    finally:
+        process.terminate()
+        process.wait()
+
+
+new_flags = ["--store=memory"]
+for name, measure in (("h2load GetCallInfo requests/s", h2load),
+                      ("loadgen lifecycles/s", lifecycle)):
+    old, new = [], []
+    for _ in range(PAIRS):
+        old.append(measure(OLD, []))
+        new.append(measure(NEW, new_flags))
+    ratios = [n / o for n, o in zip(new, old)]
+    print(f"{name}: new {statistics.median(new):,.0f}, old {statistics.median(old):,.0f}, "
+          f"median ratio {statistics.median(ratios):.3f} "
+          f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})")
