@@ -292,6 +292,13 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
            .Help("How long loading the store took at start (0 with the memory store).")
            .Register(*metrics->registry_)
            .Add({});
+  metrics->serving_ = &prometheus::BuildGauge()
+                           .Name("callsession_serving")
+                           .Help(
+                               "1 while health reports SERVING, 0 while the store loads and "
+                               "from the moment shutdown begins.")
+                           .Register(*metrics->registry_)
+                           .Add({});
   for (const std::string& name : service_names) {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
@@ -318,6 +325,8 @@ ServerMetrics::~ServerMetrics() = default;
 JournalObserver* ServerMetrics::journal_observer() { return journal_observer_.get(); }
 
 void ServerMetrics::SetRecoverySeconds(double seconds) { recovery_seconds_->Set(seconds); }
+
+void ServerMetrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
 
 std::unique_ptr<MethodMetrics> ServerMetrics::NewMethodMetrics(const std::string& full_method,
                                                                const char* rpc_type) {

@@ -11,7 +11,9 @@
 //    forced_line_closes}_total;
 //  - with a durable store: callsession_journal_{entries,batches,bytes}_total,
 //    callsession_journal_commit_seconds (histogram: from a batch's first
-//    entry to its being durable) and callsession_recovery_seconds.
+//    entry to its being durable) and callsession_recovery_seconds;
+//  - callsession_serving: 1 while health reports SERVING, 0 while the store
+//    loads and from the moment shutdown begins.
 //
 // The per-RPC series of every method of the given services are created up
 // front (as go-grpc-prometheus's InitializeMetrics does), so recording an RPC
@@ -69,6 +71,8 @@ class ServerMetrics {
   // Records journal commits (see Journal::SetObserver).
   JournalObserver* journal_observer();
   void SetRecoverySeconds(double seconds);
+  // Follows the health service's overall status.
+  void SetServing(bool serving);
 
   // Sums of grpc_server_started_total and grpc_server_handled_total.
   RpcTotals Totals();
@@ -86,6 +90,7 @@ class ServerMetrics {
   std::shared_ptr<CoreCollector> core_collector_;
   std::unique_ptr<JournalObserver> journal_observer_;
   prometheus::Gauge* recovery_seconds_ = nullptr;
+  prometheus::Gauge* serving_ = nullptr;
   std::unique_ptr<MetricsEndpoint> endpoint_;
   int port_ = 0;
   // Built in Start and never changed afterwards: read without a lock.

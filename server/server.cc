@@ -176,6 +176,7 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   CS_RETURN_IF_ERROR(server->LoadCore(options));
   health->SetServingStatus(true);
   for (const char* service : services) health->SetServingStatus(service, true);
+  if (server->metrics_ != nullptr) server->metrics_->SetServing(true);
 
   const absl::Duration app_ttl = server->core_->options().app_ttl;
   if (app_ttl > absl::ZeroDuration()) {
@@ -232,6 +233,7 @@ void CallSessionServer::Shutdown(absl::Duration grace) {
   stop_leases_.Notify();
   if (lease_thread_.joinable()) lease_thread_.join();
   server_->GetHealthCheckService()->SetServingStatus(false);  // every service
+  if (metrics_ != nullptr) metrics_->SetServing(false);
   Log(LogLevel::kInfo, "health_not_serving");
   if (core_ != nullptr) {
     core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));
