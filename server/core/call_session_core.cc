@@ -632,6 +632,7 @@ bool CallSessionCore::DetachLineLocked(Line& line, std::vector<uint64_t>* handle
   {
     absl::MutexLock lock(&line.app->mu);
     line.app->line_handles.erase(line.handle);
+    ++line.app->lines_closing;
   }
   store_->RemoveLine(line.handle);
   // Last: this may hold the only other reference to the line.
@@ -680,6 +681,8 @@ void CallSessionCore::FinishClosingLine(Line& line, const std::vector<uint64_t>&
     change.PushEvent(*line.app, std::move(event));
   }
   change.Commit();
+  absl::MutexLock lock(&line.app->mu);
+  --line.app->lines_closing;
 }
 
 bool CallSessionCore::CloseLine(Line& line, EventPublisher& events) {
@@ -780,7 +783,11 @@ bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_
         CloseLine(*line, events);
       }
     }
-    // Last in the journal, so every prefix holds the app with its lines.
+    // Last in the journal, so every prefix holds the app with its lines:
+    // after the lines this thread closed, and after those another closer
+    // (LineClose, ForceLineClose) detached and is still finishing.
+    app->mu.LockWhen(absl::Condition(app.get(), &App::NoLinesClosing));
+    app->mu.Unlock();
     Change change(*this, events);
     change.RemoveApp(*app);
     change.Commit();

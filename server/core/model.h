@@ -92,6 +92,10 @@ struct App {
   absl::Mutex mu;
   bool shut_down ABSL_GUARDED_BY(mu) = false;
   absl::flat_hash_set<uint64_t> line_handles ABSL_GUARDED_BY(mu);
+  // Lines detached from it whose closing (handles voided, record deleted)
+  // is still under way on some thread: its own removal waits for them.
+  int lines_closing ABSL_GUARDED_BY(mu) = 0;
+  bool NoLinesClosing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return lines_closing == 0; }
 };
 
 // A line device: the lines open on it and the calls on it.
