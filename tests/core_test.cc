@@ -39,7 +39,7 @@ class CoreTest : public ::testing::Test {
     v1::InitializeRequest request;
     request.set_app_name(name);
     v1::InitializeResponse response;
-    EXPECT_THAT(core_.Initialize(request, &response), IsOk());
+    EXPECT_THAT(core_.Initialize({}, request, &response), IsOk());
     return response.app_token();
   }
 
@@ -337,12 +337,12 @@ TEST_F(QuotaTest, AppsPastTheLimitAreRefusedUntilOneLeaves) {
   Init("c");
   v1::InitializeRequest request;
   v1::InitializeResponse response;
-  EXPECT_THAT(core_.Initialize(request, &response),
+  EXPECT_THAT(core_.Initialize({}, request, &response),
               IsTapiError(absl::StatusCode::kResourceExhausted, "LINEERR_RESOURCEUNAVAIL"));
   EXPECT_EQ(core_.Stats().live.apps, 3u);
   v1::ShutdownResponse shut;
   ASSERT_THAT(core_.Shutdown(a, v1::ShutdownRequest(), &shut), IsOk());
-  EXPECT_THAT(core_.Initialize(request, &response), IsOk());
+  EXPECT_THAT(core_.Initialize({}, request, &response), IsOk());
   EXPECT_EQ(core_.Stats().quota_rejections, 1u);
 }
 

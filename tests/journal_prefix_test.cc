@@ -57,7 +57,7 @@ void AppWorker(CallSessionCore& core, int seed, int steps, absl::Mutex* tokens_m
   for (int step = 0; step < steps; ++step) {
     if (token.empty()) {
       v1::InitializeResponse init;
-      if (!core.Initialize(v1::InitializeRequest(), &init).ok()) continue;
+      if (!core.Initialize({}, v1::InitializeRequest(), &init).ok()) continue;
       token = init.app_token();
       lines.clear();
       calls.clear();

@@ -89,6 +89,17 @@ void AppendHex(const uint8_t* data, size_t size, std::string* out) {
   }
 }
 
+// An app token: the app handle (big-endian) then the secret, in hex.
+std::string TokenOf(uint64_t handle, const std::array<uint8_t, 16>& secret) {
+  uint8_t handle_bytes[8];
+  for (int i = 0; i < 8; ++i) handle_bytes[i] = static_cast<uint8_t>(handle >> (56 - 8 * i));
+  std::string token;
+  token.reserve(kTokenLength);
+  AppendHex(handle_bytes, sizeof(handle_bytes), &token);
+  AppendHex(secret.data(), secret.size(), &token);
+  return token;
+}
+
 absl::StatusOr<std::array<uint8_t, 16>> RandomSecret() {
   std::array<uint8_t, 16> secret;
   size_t filled = 0;
@@ -154,11 +165,29 @@ constexpr uint64_t kEventDeleteBatch = 256;
 // The delivery cursor is stored with an app's events once it moved this far.
 constexpr uint64_t kCursorStoreLag = 64;
 
+void AuditLineClosed(const Line& line, absl::string_view why) {
+  Audit("line_closed", {{"tenant", line.app->tenant},
+                        {"app_handle", line.app->handle},
+                        {"line_handle", line.handle},
+                        {"device_id", line.device->id},
+                        {"reason", why}});
+}
+
+// The privileges a LineOpen asks for, for messages.
+std::string PrivilegesText(bool owner, bool monitor) {
+  if (owner && monitor) return "OWNER and MONITOR";
+  if (owner) return "OWNER";
+  if (monitor) return "MONITOR";
+  return "no privilege";
+}
+
 std::string EncodeApp(const App& app) {
   storage::v1::AppRecord record;
   record.set_app_handle(app.handle);
   record.set_app_name(app.name);
   record.set_secret_sha256(app.secret_sha256.data(), app.secret_sha256.size());
+  record.set_tenant(app.tenant);
+  record.set_credential(app.credential);
   return record.SerializeAsString();
 }
 
@@ -170,6 +199,7 @@ std::string EncodeLine(const Line& line) {
   record.set_owner(line.owner);
   record.set_monitor(line.monitor);
   record.set_open_order(line.open_order);
+  record.set_rights(line.rights);
   return record.SerializeAsString();
 }
 
@@ -424,7 +454,8 @@ bool EventSubscription::Next(v1::Event* event) {
 CallSessionCore::CallSessionCore(CoreOptions options, std::unique_ptr<SessionStore> store)
     : options_(std::move(options)),
       journal_(options_.journal),
-      store_(store != nullptr ? std::move(store) : NewShardedMemoryStore(options_.shards)) {
+      store_(store != nullptr ? std::move(store) : NewShardedMemoryStore(options_.shards)),
+      tenants_(options_.tenants) {
   devices_.reserve(options_.num_devices);
   for (uint32_t id = 0; id < options_.num_devices; ++id) {
     devices_.push_back(std::make_unique<Device>(id));
@@ -439,19 +470,22 @@ CallSessionCore::~CallSessionCore() = default;
 absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(absl::string_view token) const {
   uint8_t handle_bytes[8];
   std::array<uint8_t, 16> secret;
+  if (token.empty()) {
+    return AuthenticationFailed(AuthFailure::kMissingCredential, "missing app token");
+  }
   if (token.size() != kTokenLength ||
       !ParseHex(token.substr(0, kTokenHandleDigits), handle_bytes, 8) ||
       !ParseHex(token.substr(kTokenHandleDigits), secret.data(), 16)) {
-    return Unauthenticated("missing or malformed app token");
+    return AuthenticationFailed(AuthFailure::kMalformedToken, "malformed app token");
   }
   uint64_t handle = 0;
   for (uint8_t byte : handle_bytes) handle = handle << 8 | byte;
   std::shared_ptr<App> app = store_->FindApp(handle);
-  if (app == nullptr) return Unauthenticated("unknown app token");
+  if (app == nullptr) return AuthenticationFailed(AuthFailure::kUnknownToken, "unknown app token");
   const Sha256Digest digest =
       Sha256(absl::string_view(reinterpret_cast<const char*>(secret.data()), secret.size()));
   if (!ConstantTimeEquals(app->secret_sha256.data(), digest.data(), digest.size())) {
-    return Unauthenticated("unknown app token");
+    return AuthenticationFailed(AuthFailure::kUnknownToken, "unknown app token");
   }
   if (options_.app_ttl > absl::ZeroDuration()) {
     app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()),
@@ -460,25 +494,80 @@ absl::StatusOr<std::shared_ptr<App>> CallSessionCore::Authenticate(absl::string_
   return app;
 }
 
-absl::Status CallSessionCore::AuthenticateProvider(absl::string_view token) const {
+absl::Status CallSessionCore::AuthenticationFailed(AuthFailure why,
+                                                   absl::string_view message) const {
+  auth_failures_[static_cast<int>(why)].fetch_add(1, std::memory_order_relaxed);
+  return Unauthenticated(message);
+}
+
+std::shared_ptr<const TenantDirectory> CallSessionCore::CurrentTenants() const {
+  absl::ReaderMutexLock lock(&tenants_mu_);
+  return tenants_;
+}
+
+absl::StatusOr<CallSessionCore::ProviderScope> CallSessionCore::AuthenticateProvider(
+    const Credentials& provider) const {
   const std::string& expected = options_.provider_token;
-  if (expected.empty()) {
-    return Unauthenticated("this server has no provider token configured");
+  const absl::string_view token = provider.bearer;
+  // The provider token first: the usual provider pays for nothing else.
+  if (!expected.empty() && token.size() == expected.size() &&
+      ConstantTimeEquals(reinterpret_cast<const uint8_t*>(token.data()),
+                         reinterpret_cast<const uint8_t*>(expected.data()), expected.size())) {
+    return ProviderScope{};
   }
-  if (token.size() != expected.size() ||
-      !ConstantTimeEquals(reinterpret_cast<const uint8_t*>(token.data()),
-                          reinterpret_cast<const uint8_t*>(expected.data()), expected.size())) {
-    return Unauthenticated("missing or wrong provider token");
+  std::shared_ptr<const TenantDirectory> tenants = CurrentTenants();
+  if (tenants != nullptr && (!token.empty() || !provider.identities.empty())) {
+    AuthFailure failure;
+    absl::StatusOr<TenantMatch> match = tenants->Identify(provider, &failure);
+    if (match.ok() && match->tenant->is_provider()) {
+      return ProviderScope{match->tenant, std::move(tenants)};
+    }
   }
-  return absl::OkStatus();
+  if (token.empty() && provider.identities.empty()) {
+    return AuthenticationFailed(AuthFailure::kMissingCredential, "missing provider credential");
+  }
+  return AuthenticationFailed(AuthFailure::kNotProvider,
+                              "not a provider credential (the provider token, or a tenant's "
+                              "with provider access)");
 }
 
 absl::StatusOr<Device*> CallSessionCore::FindDevice(uint32_t device_id) const {
-  if (device_id >= devices_.size()) {
+  if (device_id >= devices_.size()) return NoSuchDevice(device_id);
+  return devices_[device_id].get();
+}
+
+absl::Status CallSessionCore::NoSuchDevice(uint32_t device_id) const {
+  if (options_.tenants == nullptr) {
     return TapiError(TapiErrorCode::kBadDeviceId,
                      absl::StrCat("device_id ", device_id, " is not below ", devices_.size()));
   }
-  return devices_[device_id].get();
+  // With tenants the server's device count is nobody's business.
+  return TapiError(TapiErrorCode::kBadDeviceId, absl::StrCat("no device ", device_id));
+}
+
+DeviceRights CallSessionCore::RightsLocked(const App& app, uint32_t device_id) {
+  if (app.tenant_config == nullptr) return kAllRights;
+  return app.tenant_config->RightsOn(device_id);
+}
+
+AppTenancy CallSessionCore::TenancyOf(std::shared_ptr<const Tenant> tenant) const {
+  AppTenancy tenancy;
+  tenancy.max_lines = options_.max_lines_per_app;
+  tenancy.max_call_handles = options_.max_call_handles_per_app;
+  if (tenant != nullptr) {
+    tenancy.max_lines = tenant->quotas().max_lines_per_app.value_or(tenancy.max_lines);
+    tenancy.max_call_handles =
+        tenant->quotas().max_call_handles_per_app.value_or(tenancy.max_call_handles);
+  }
+  tenancy.config = std::move(tenant);
+  return tenancy;
+}
+
+void CallSessionCore::SetTenantLocked(App& app, std::shared_ptr<const Tenant> tenant) {
+  AppTenancy tenancy = TenancyOf(std::move(tenant));
+  app.max_lines.store(tenancy.max_lines, std::memory_order_relaxed);
+  app.max_call_handles.store(tenancy.max_call_handles, std::memory_order_relaxed);
+  app.tenant_config = std::move(tenancy.config);
 }
 
 absl::StatusOr<std::shared_ptr<Line>> CallSessionCore::FindOwnLine(const App& app,
@@ -556,7 +645,7 @@ void CallSessionCore::AddMonitorsLocked(const CallRef& call, Device& device, Cha
 }
 
 bool CallSessionCore::ReserveCallHandles(App& app, uint64_t count) {
-  const size_t limit = options_.max_call_handles_per_app;
+  const uint64_t limit = app.max_call_handles.load(std::memory_order_relaxed);
   uint64_t held = app.call_handle_count.load(std::memory_order_relaxed);
   do {
     if (limit != 0 && held + count > limit) return false;
@@ -685,41 +774,77 @@ void CallSessionCore::FinishClosingLine(Line& line, const std::vector<uint64_t>&
   --line.app->lines_closing;
 }
 
-bool CallSessionCore::CloseLine(Line& line, EventPublisher& events) {
+bool CallSessionCore::CloseLine(Line& line, bool forced, absl::string_view why,
+                                EventPublisher& events) {
   std::vector<uint64_t> handles;
   {
     absl::MutexLock lock(&line.device->mu);
     if (!DetachLineLocked(line, &handles)) return false;
   }
-  FinishClosingLine(line, handles, false, events);
+  FinishClosingLine(line, handles, forced, events);
+  AuditLineClosed(line, why);
   return true;
 }
 
 // ---------------------------------------------------------------------------
 // CallSessionService.
 
-absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
+absl::Status CallSessionCore::Initialize(const Credentials& credentials,
+                                         const v1::InitializeRequest& request,
                                          v1::InitializeResponse* response) {
-  const std::string& name = request.app_name();
-  if (name.size() > kMaxAppNameBytes || !IsPrintableAscii(name)) {
-    return TapiError(
-        TapiErrorCode::kInvalAppName,
-        absl::StrCat("app_name must be at most ", kMaxAppNameBytes, " printable ASCII bytes"));
-  }
-  CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
-  const Sha256Digest secret_sha256 =
-      Sha256(absl::string_view(reinterpret_cast<const char*>(secret.data()), secret.size()));
   EventPublisher events(journal_);
   uint64_t handle = 0;
+  std::shared_ptr<const Tenant> tenant;
+  const std::string& name = request.app_name();
   {
+    // Held from reading the tenants in force to the app's registration:
+    // SetTenants replaces them first and then walks the apps (see tenants_).
     absl::MutexLock lock(&apps_mu_);
+    std::shared_ptr<const TenantDirectory> tenants = CurrentTenants();
+    TenantMatch match;
+    if (tenants != nullptr) {
+      AuthFailure failure;
+      absl::StatusOr<TenantMatch> identified = tenants->Identify(credentials, &failure);
+      if (!identified.ok()) {
+        auth_failures_[static_cast<int>(failure)].fetch_add(1, std::memory_order_relaxed);
+        return identified.status();
+      }
+      match = *std::move(identified);
+      if (match.tenant->grants().empty()) {
+        return TapiError(TapiErrorCode::kOperationUnavail,
+                         absl::StrCat("tenant \"", match.tenant->name(),
+                                      "\" is granted no device: it may not register applications"));
+      }
+    }
+    if (name.size() > kMaxAppNameBytes || !IsPrintableAscii(name)) {
+      return TapiError(
+          TapiErrorCode::kInvalAppName,
+          absl::StrCat("app_name must be at most ", kMaxAppNameBytes, " printable ASCII bytes"));
+    }
     if (options_.max_apps != 0 && apps_.size() >= options_.max_apps) {
       return QuotaExceeded(absl::StrCat("the server has its maximum of ", options_.max_apps,
                                         " applications (--max_apps)"));
     }
+    const std::string tenant_name = match.tenant != nullptr ? match.tenant->name() : "";
+    if (match.tenant != nullptr && match.tenant->quotas().max_apps.value_or(0) != 0) {
+      const uint64_t limit = *match.tenant->quotas().max_apps;
+      auto registered = tenant_apps_.find(tenant_name);
+      if (registered != tenant_apps_.end() && registered->second >= limit) {
+        return QuotaExceeded(absl::StrCat("tenant \"", tenant_name, "\" has its maximum of ",
+                                          limit, " applications (max_apps)"));
+      }
+    }
+    if (match.tenant != nullptr) tenant = std::shared_ptr<const Tenant>(tenants, match.tenant);
+    CS_ASSIGN_OR_RETURN(const auto secret, RandomSecret());
+    const Sha256Digest secret_sha256 =
+        Sha256(absl::string_view(reinterpret_cast<const char*>(secret.data()), secret.size()));
+    AppTenancy tenancy = TenancyOf(tenant);
+    tenancy.tenant = tenant_name;
+    tenancy.credential = std::move(match.credential);
     std::shared_ptr<App> app;
     handle = store_->AddApp([&](uint64_t handle) {
-      app = std::make_shared<App>(handle, name, secret_sha256, options_.event_buffer, journal_);
+      app = std::make_shared<App>(handle, name, secret_sha256, std::move(tenancy),
+                                  options_.event_buffer, journal_);
       app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()),
                                   std::memory_order_relaxed);
       return app;
@@ -731,19 +856,33 @@ absl::Status CallSessionCore::Initialize(const v1::InitializeRequest& request,
     change.PutApp(*app);
     change.Commit();
     apps_.emplace(handle, std::move(app));
+    ++tenant_apps_[tenant_name];
+    response->set_app_token(TokenOf(handle, secret));
   }
-  uint8_t handle_bytes[8];
-  for (int i = 0; i < 8; ++i) handle_bytes[i] = static_cast<uint8_t>(handle >> (56 - 8 * i));
-  std::string token;
-  token.reserve(kTokenLength);
-  AppendHex(handle_bytes, sizeof(handle_bytes), &token);
-  AppendHex(secret.data(), secret.size(), &token);
-
   response->set_app_handle(handle);
-  response->set_app_token(std::move(token));
-  response->set_num_devices(options_.num_devices);
+  if (tenant == nullptr) {
+    response->set_num_devices(options_.num_devices);
+    v1::DeviceAccess* all = response->add_devices();
+    all->set_first_device_id(0);
+    all->set_last_device_id(options_.num_devices - 1);
+    all->set_place_calls(true);
+    all->set_own(true);
+    all->set_monitor(true);
+  } else {
+    response->set_num_devices(tenant->device_limit());
+    for (const DeviceGrant& grant : tenant->grants()) {
+      v1::DeviceAccess* access = response->add_devices();
+      access->set_first_device_id(grant.first);
+      access->set_last_device_id(grant.last);
+      access->set_place_calls((grant.rights & kRightDial) != 0);
+      access->set_own((grant.rights & kRightOwn) != 0);
+      access->set_monitor((grant.rights & kRightMonitor) != 0);
+    }
+  }
   SetDuration(options_.app_ttl, response->mutable_app_ttl());
-  Log(LogLevel::kInfo, "app_initialized", {{"app_handle", handle}, {"app_name", name}});
+  Audit("app_initialized", {{"tenant", tenant != nullptr ? tenant->name() : std::string()},
+                            {"app_handle", handle},
+                            {"app_name", name}});
   return absl::OkStatus();
 }
 
@@ -777,10 +916,14 @@ bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_
     {
       absl::MutexLock lock(&apps_mu_);
       apps_.erase(app->handle);
+      auto registered = tenant_apps_.find(app->tenant);
+      if (registered != tenant_apps_.end() && --registered->second == 0) {
+        tenant_apps_.erase(registered);
+      }
     }
     for (uint64_t line_handle : line_handles) {
       if (std::shared_ptr<Line> line = store_->FindLine(line_handle)) {
-        CloseLine(*line, events);
+        CloseLine(*line, false, why, events);
       }
     }
     // Last in the journal, so every prefix holds the app with its lines:
@@ -793,8 +936,10 @@ bool CallSessionCore::ShutdownApp(const std::shared_ptr<App>& app, bool only_if_
     change.Commit();
     events_lost_by_departed_apps_.fetch_add(app->events.lost(), std::memory_order_relaxed);
   }
-  Log(LogLevel::kInfo, "app_shut_down",
-      {{"app_handle", app->handle}, {"app_name", app->name}, {"reason", why}});
+  Audit("app_shut_down", {{"tenant", app->tenant},
+                          {"app_handle", app->handle},
+                          {"app_name", app->name},
+                          {"reason", why}});
   return true;
 }
 
@@ -822,6 +967,11 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
                                        v1::LineOpenResponse* response) {
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
+  {
+    // First: to an app, a device it may not open is one that does not exist.
+    absl::MutexLock lock(&app->mu);
+    if (RightsLocked(*app, device->id) == 0) return NoSuchDevice(device->id);
+  }
   bool owner = false;
   bool monitor = false;
   for (int privilege : request.privileges()) {
@@ -838,31 +988,41 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     }
   }
 
+  const DeviceRights needed = owner || monitor
+                                  ? (owner ? kRightOwn : 0) | (monitor ? kRightMonitor : 0)
+                                  : kRightDial;
   EventPublisher events(journal_);
   uint64_t handle = 0;
+  DeviceRights rights = 0;
   {
     absl::MutexLock lock(&device->mu);
-    const uint64_t open_order = device->next_open_order++;
     std::shared_ptr<Line> line;
-    handle = store_->AddLine([&](uint64_t handle) {
-      line = std::make_shared<Line>(handle, app, device, owner, monitor, open_order);
-      return line;
-    });
     {
+      // Checked under the app's lock, where SetTenants changes its tenant:
+      // a line is either checked against the new grants or seen by the
+      // SetTenants that takes them away.
       absl::MutexLock app_lock(&app->mu);
-      if (app->shut_down) {
-        store_->RemoveLine(handle);
-        return Unauthenticated("unknown app token");
+      if (app->shut_down) return Unauthenticated("unknown app token");
+      rights = RightsLocked(*app, device->id);
+      if (rights == 0) return NoSuchDevice(device->id);
+      if ((needed & ~rights) != 0) {
+        return TapiError(TapiErrorCode::kOperationUnavail,
+                         absl::StrCat("the application's tenant may not open device ", device->id,
+                                      " with ", PrivilegesText(owner, monitor)));
       }
-      if (options_.max_lines_per_app != 0 &&
-          app->line_handles.size() >= options_.max_lines_per_app) {
-        store_->RemoveLine(handle);
-        return QuotaExceeded(absl::StrCat("the application has its maximum of ",
-                                          options_.max_lines_per_app,
-                                          " lines open (--max_lines_per_app)"));
+      const uint64_t max_lines = app->max_lines.load(std::memory_order_relaxed);
+      if (max_lines != 0 && app->line_handles.size() >= max_lines) {
+        return QuotaExceeded(absl::StrCat("the application has its maximum of ", max_lines,
+                                          " lines open (max_lines_per_app)"));
       }
+      const uint64_t open_order = device->next_open_order++;
+      handle = store_->AddLine([&](uint64_t handle) {
+        line = std::make_shared<Line>(handle, app, device, owner, monitor, open_order, rights);
+        return line;
+      });
       app->line_handles.insert(handle);
     }
+    const uint64_t open_order = line->open_order;
     device->lines.emplace(open_order, line);
     if (owner) device->owner_lines.emplace(open_order, line.get());
     if (monitor) device->monitor_lines.emplace(open_order, line.get());
@@ -872,12 +1032,12 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     change.Commit();
   }
   response->set_line_handle(handle);
-  Log(LogLevel::kDebug, "line_opened",
-      {{"app_handle", app->handle},
-       {"line_handle", handle},
-       {"device_id", device->id},
-       {"owner", owner},
-       {"monitor", monitor}});
+  Audit("line_opened", {{"tenant", app->tenant},
+                        {"app_handle", app->handle},
+                        {"line_handle", handle},
+                        {"device_id", device->id},
+                        {"owner", owner},
+                        {"monitor", monitor}});
   return absl::OkStatus();
 }
 
@@ -887,11 +1047,7 @@ absl::Status CallSessionCore::LineClose(absl::string_view token,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   EventPublisher events(journal_);
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
-  if (!CloseLine(*line, events)) return InvalidLineHandle();
-  Log(LogLevel::kDebug, "line_closed",
-      {{"app_handle", app->handle},
-       {"line_handle", line->handle},
-       {"device_id", line->device->id}});
+  if (!CloseLine(*line, false, "line_close", events)) return InvalidLineHandle();
   return absl::OkStatus();
 }
 
@@ -965,11 +1121,16 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   CS_RETURN_IF_ERROR(CheckAddress("dest_address", dest_address, false));
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(app, line_handle));
   Device& device = *line->device;
+  if ((line->rights & kRightDial) == 0) {
+    return TapiError(TapiErrorCode::kOperationUnavail,
+                     absl::StrCat("the application's tenant may not place calls on device ",
+                                  device.id));
+  }
 
   if (!ReserveCallHandles(app, 1)) {
     return QuotaExceeded(absl::StrCat("the application holds its maximum of ",
-                                      options_.max_call_handles_per_app,
-                                      " call handles (--max_call_handles_per_app)"));
+                                      app.max_call_handles.load(std::memory_order_relaxed),
+                                      " call handles (max_call_handles_per_app)"));
   }
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
@@ -1121,6 +1282,10 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<App> app, Authenticate(token));
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(*app, request.line_handle()));
   Device& device = *line->device;
+  if ((line->rights & kRightMonitor) == 0) {
+    return TapiError(TapiErrorCode::kOperationUnavail,
+                     absl::StrCat("the application's tenant may not monitor device ", device.id));
+  }
   EventPublisher events(journal_);
   absl::MutexLock device_lock(&device.mu);
   line->device->mu.AssertHeld();  // the same mutex, for the analysis
@@ -1145,8 +1310,8 @@ absl::Status CallSessionCore::GetNewCalls(absl::string_view token,
     return QuotaExceeded(absl::StrCat(candidates.size(),
                                       " new call handles would take the application past its "
                                       "maximum of ",
-                                      options_.max_call_handles_per_app,
-                                      " (--max_call_handles_per_app)"));
+                                      app->max_call_handles.load(std::memory_order_relaxed),
+                                      " (max_call_handles_per_app)"));
   }
   size_t issued = 0;
   for (const CallRef& call : candidates) {
@@ -1258,10 +1423,11 @@ void CallSessionCore::EndAllSubscriptions(const absl::Status& why) {
 // ---------------------------------------------------------------------------
 // ProviderService.
 
-absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
+absl::Status CallSessionCore::OfferCall(const Credentials& provider,
                                         const v1::OfferCallRequest& request,
                                         v1::OfferCallResponse* response) {
-  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  CS_ASSIGN_OR_RETURN(const ProviderScope scope, AuthenticateProvider(provider));
+  if (!scope.Covers(request.device_id())) return NoSuchDevice(request.device_id());
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
   CS_RETURN_IF_ERROR(CheckAddress("caller_id", request.caller_id(), true));
   CS_RETURN_IF_ERROR(CheckAddress("called_id", request.called_id(), true));
@@ -1295,10 +1461,10 @@ absl::Status CallSessionCore::OfferCall(absl::string_view provider_token,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
+absl::Status CallSessionCore::SetCallState(const Credentials& provider,
                                            const v1::SetCallStateRequest& request,
                                            v1::SetCallStateResponse* response) {
-  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  CS_ASSIGN_OR_RETURN(const ProviderScope scope, AuthenticateProvider(provider));
   const CallState state = request.call_state();
   if (!v1::CallState_IsValid(state) || state == v1::CALL_STATE_UNSPECIFIED) {
     return TapiError(TapiErrorCode::kInvalParam,
@@ -1306,7 +1472,8 @@ absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
   }
   EventPublisher events(journal_);
   CallRef call = request.call_id() == 0 ? nullptr : store_->FindCall(request.call_id());
-  if (call == nullptr) {
+  // A call on a device the provider does not serve is no call of its.
+  if (call == nullptr || !scope.Covers(call->device_id)) {
     return TapiError(TapiErrorCode::kInvalCallHandle, "no such call_id");
   }
   bool free_call = false;
@@ -1333,10 +1500,11 @@ absl::Status CallSessionCore::SetCallState(absl::string_view provider_token,
   return absl::OkStatus();
 }
 
-absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
+absl::Status CallSessionCore::ForceLineClose(const Credentials& provider,
                                              const v1::ForceLineCloseRequest& request,
                                              v1::ForceLineCloseResponse* response) {
-  CS_RETURN_IF_ERROR(AuthenticateProvider(provider_token));
+  CS_ASSIGN_OR_RETURN(const ProviderScope scope, AuthenticateProvider(provider));
+  if (!scope.Covers(request.device_id())) return NoSuchDevice(request.device_id());
   CS_ASSIGN_OR_RETURN(Device* const device, FindDevice(request.device_id()));
   EventPublisher events(journal_);
   std::vector<std::pair<std::shared_ptr<Line>, std::vector<uint64_t>>> closed;
@@ -1353,10 +1521,96 @@ absl::Status CallSessionCore::ForceLineClose(absl::string_view provider_token,
   for (auto& [line, handles] : closed) {
     FinishClosingLine(*line, handles, true, events);
     forced_line_closes_.fetch_add(1, std::memory_order_relaxed);
+    AuditLineClosed(*line, "forced");
   }
-  Log(LogLevel::kInfo, "forced_line_close",
-      {{"device_id", device->id}, {"lines_closed", static_cast<uint64_t>(closed.size())}});
+  Audit("forced_line_close", {{"provider", scope.tenant != nullptr ? scope.tenant->name()
+                                                                   : std::string("provider_token")},
+                              {"device_id", device->id},
+                              {"lines_closed", static_cast<uint64_t>(closed.size())}});
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Tenants.
+
+TenantsApplied CallSessionCore::SetTenants(std::shared_ptr<const TenantDirectory> tenants) {
+  // Open mode stays open: with no tenants at start, the caller is wrong.
+  if (tenants == nullptr || options_.tenants == nullptr) return {};
+  absl::MutexLock serialize(&set_tenants_mu_);
+  {
+    absl::MutexLock lock(&tenants_mu_);
+    tenants_ = tenants;
+  }
+  return ApplyTenants(tenants);
+}
+
+TenantsApplied CallSessionCore::ApplyTenants(
+    const std::shared_ptr<const TenantDirectory>& tenants) {
+  TenantsApplied applied;
+  std::vector<std::shared_ptr<App>> apps;
+  {
+    // Every app registered under an earlier configuration is in apps_ by
+    // now (see tenants_).
+    absl::MutexLock lock(&apps_mu_);
+    apps.reserve(apps_.size());
+    for (const auto& [handle, app] : apps_) apps.push_back(app);
+  }
+  EventPublisher events(journal_);
+  for (const std::shared_ptr<App>& app : apps) {
+    const Tenant* tenant = tenants == nullptr ? nullptr : tenants->Find(app->tenant);
+    if (tenants != nullptr && (tenant == nullptr || !tenant->HasCredential(app->credential))) {
+      const char* why = app->tenant.empty()  ? "no_tenant"
+                        : tenant == nullptr ? "tenant_revoked"
+                                            : "credential_revoked";
+      if (ShutdownApp(app, false, why)) ++applied.apps_shut_down;
+      continue;
+    }
+    std::vector<uint64_t> line_handles;
+    {
+      absl::MutexLock lock(&app->mu);
+      if (app->shut_down) continue;
+      SetTenantLocked(*app, tenant == nullptr ? nullptr
+                                              : std::shared_ptr<const Tenant>(tenants, tenant));
+      line_handles.assign(app->line_handles.begin(), app->line_handles.end());
+    }
+    for (uint64_t line_handle : line_handles) {
+      std::shared_ptr<Line> line = store_->FindLine(line_handle);
+      if (line == nullptr) continue;
+      const DeviceRights now = tenant == nullptr ? kAllRights : tenant->RightsOn(line->device->id);
+      if ((line->rights & ~now) == 0) continue;
+      if (CloseLine(*line, /*forced=*/true, "revoked", events)) ++applied.lines_closed;
+    }
+  }
+  apps_revoked_.fetch_add(applied.apps_shut_down, std::memory_order_relaxed);
+  lines_revoked_.fetch_add(applied.lines_closed, std::memory_order_relaxed);
+  return applied;
+}
+
+std::vector<TenantUsage> CallSessionCore::TenantUsages() const {
+  std::shared_ptr<const TenantDirectory> tenants = CurrentTenants();
+  if (tenants == nullptr) return {};
+  std::vector<std::shared_ptr<App>> apps;
+  {
+    absl::MutexLock lock(&apps_mu_);
+    apps.reserve(apps_.size());
+    for (const auto& [handle, app] : apps_) apps.push_back(app);
+  }
+  std::vector<TenantUsage> usages(tenants->tenants().size());
+  absl::flat_hash_map<absl::string_view, TenantUsage*> by_name;
+  for (size_t i = 0; i < usages.size(); ++i) {
+    usages[i].tenant = tenants->tenants()[i]->name();
+    by_name.emplace(usages[i].tenant, &usages[i]);
+  }
+  for (const std::shared_ptr<App>& app : apps) {
+    auto it = by_name.find(app->tenant);
+    if (it == by_name.end()) continue;
+    TenantUsage& usage = *it->second;
+    ++usage.apps;
+    usage.call_handles += app->call_handle_count.load(std::memory_order_relaxed);
+    absl::MutexLock lock(&app->mu);
+    usage.lines += app->line_handles.size();
+  }
+  return usages;
 }
 
 // ---------------------------------------------------------------------------
@@ -1418,6 +1672,11 @@ CoreStats CallSessionCore::Stats() const {
   }
   stats.apps_expired = apps_expired_.load(std::memory_order_relaxed);
   stats.quota_rejections = quota_rejections_.load(std::memory_order_relaxed);
+  for (int i = 0; i < kAuthFailureKinds; ++i) {
+    stats.auth_failures[i] = auth_failures_[i].load(std::memory_order_relaxed);
+  }
+  stats.apps_revoked = apps_revoked_.load(std::memory_order_relaxed);
+  stats.lines_revoked = lines_revoked_.load(std::memory_order_relaxed);
   return stats;
 }
 

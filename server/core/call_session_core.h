@@ -43,6 +43,7 @@
 #include "server/core/journal.h"
 #include "server/core/model.h"
 #include "server/core/session_store.h"
+#include "server/core/tenants.h"
 
 namespace callsession {
 
@@ -51,9 +52,11 @@ struct CoreOptions {
   uint32_t num_devices = 16;
   // Shards per handle table: a power of two.
   int shards = 64;
-  // The token the provider service requires; empty refuses every provider
-  // call.
+  // The token the provider service accepts for every device; empty: none.
   std::string provider_token;
+  // The tenants in force (see tenants.h and SetTenants); null: open mode,
+  // where Initialize needs no credential and every app may do everything.
+  std::shared_ptr<const TenantDirectory> tenants;
   // Events buffered per application for delivery and replay (see
   // EventQueue).
   size_t event_buffer = 4096;
@@ -86,6 +89,9 @@ struct RecoveryCounts {
   size_t request_ids = 0;
   // True if the journal was empty and Recover initialized it.
   bool created = false;
+  // Taken away because the tenants in force no longer grant them.
+  size_t apps_revoked = 0;
+  size_t lines_revoked = 0;
 };
 
 // OK, or INVALID_ARGUMENT naming the first bad option.
@@ -108,6 +114,24 @@ struct CoreStats {
   uint64_t events_lost = 0;       // by registered apps' consumers, since start
   uint64_t apps_expired = 0;      // shut down by ExpireIdleApps
   uint64_t quota_rejections = 0;  // requests refused by a quota
+  // Failed authentications by AuthFailure.
+  uint64_t auth_failures[kAuthFailureKinds] = {};
+  uint64_t apps_revoked = 0;   // shut down by a tenants configuration
+  uint64_t lines_revoked = 0;  // closed by a tenants configuration
+};
+
+// What one tenant's applications hold now.
+struct TenantUsage {
+  std::string tenant;
+  size_t apps = 0;
+  size_t lines = 0;
+  size_t call_handles = 0;
+};
+
+// What SetTenants (or recovery) took away.
+struct TenantsApplied {
+  size_t apps_shut_down = 0;
+  size_t lines_closed = 0;
 };
 
 class CallSessionCore;
@@ -145,8 +169,10 @@ class CallSessionCore {
   CallSessionCore(const CallSessionCore&) = delete;
   CallSessionCore& operator=(const CallSessionCore&) = delete;
 
-  // CallSessionService.
-  absl::Status Initialize(const v1::InitializeRequest& request, v1::InitializeResponse* response);
+  // CallSessionService. Initialize takes the credentials the request
+  // carried (a tenant's, with a tenants file; ignored in open mode).
+  absl::Status Initialize(const Credentials& credentials, const v1::InitializeRequest& request,
+                          v1::InitializeResponse* response);
   absl::Status Shutdown(absl::string_view token, const v1::ShutdownRequest& request,
                         v1::ShutdownResponse* response);
   absl::Status LineOpen(absl::string_view token, const v1::LineOpenRequest& request,
@@ -187,16 +213,30 @@ class CallSessionCore {
   // server (any thread); tests call it after advancing their clock.
   size_t ExpireIdleApps();
 
-  // ProviderService. `provider_token` is the bearer token the request
-  // carried.
-  absl::Status OfferCall(absl::string_view provider_token, const v1::OfferCallRequest& request,
+  // ProviderService. `provider` is what the request carried: the provider
+  // token, or a tenant credential with provider access for some devices.
+  absl::Status OfferCall(const Credentials& provider, const v1::OfferCallRequest& request,
                          v1::OfferCallResponse* response);
-  absl::Status SetCallState(absl::string_view provider_token,
-                            const v1::SetCallStateRequest& request,
+  absl::Status SetCallState(const Credentials& provider, const v1::SetCallStateRequest& request,
                             v1::SetCallStateResponse* response);
-  absl::Status ForceLineClose(absl::string_view provider_token,
+  absl::Status ForceLineClose(const Credentials& provider,
                               const v1::ForceLineCloseRequest& request,
                               v1::ForceLineCloseResponse* response);
+
+  // Puts `tenants` in force (a reload of the tenants file) and takes away
+  // at once what it no longer grants: apps whose tenant or registration
+  // credential is gone are shut down exactly as Shutdown does; each line
+  // opened with a right its app's tenant no longer has on the device is
+  // closed as ForceLineClose closes it (LineCloseEvent); quotas change for
+  // new requests. Each is an audit log line. The core must have been
+  // created with tenants (no switch to or from open mode): `tenants` must
+  // not be null. Any thread; concurrent calls are serialized.
+  TenantsApplied SetTenants(std::shared_ptr<const TenantDirectory> tenants);
+
+  // Live apps, lines and call handles per tenant in force (every tenant of
+  // the directory, with zeros), for metrics. Empty in open mode. Walks
+  // every app: for scrapes, not hot paths.
+  std::vector<TenantUsage> TenantUsages() const;
 
   // Ends every event subscription with `why` (server shutdown).
   void EndAllSubscriptions(const absl::Status& why);
@@ -206,7 +246,9 @@ class CallSessionCore {
   // buffered events and request ids, and where handle numbering continues,
   // so no handle is ever issued twice. An empty journal is initialized with
   // the format record. Never re-runs a TAPI rule: what is loaded is what
-  // was there. Call once, before any other method, from one thread; blocks
+  // was there. Then the tenants in force apply to what was loaded as
+  // SetTenants says (an app of a tenant no longer configured is shut down),
+  // as new changes. Call once, before any other method, from one thread; blocks
   // on I/O. Errors: FAILED_PRECONDITION if the store was written by a newer
   // format, or does not fit the options (a line on a device >= num_devices);
   // DATA_LOSS for a record that does not parse or contradicts another (the
@@ -233,8 +275,35 @@ class CallSessionCore {
  private:
   class Change;
 
+  // Who may act as the provider, and for which devices.
+  struct ProviderScope {
+    // Null: every device (the provider token).
+    const Tenant* tenant = nullptr;
+    // Keeps `tenant` alive.
+    std::shared_ptr<const TenantDirectory> directory;
+    bool Covers(uint32_t device_id) const {
+      return tenant == nullptr || tenant->ProvidesFor(device_id);
+    }
+  };
+
   // The token's app; renews its lease.
   absl::StatusOr<std::shared_ptr<App>> Authenticate(absl::string_view token) const;
+  absl::Status AuthenticationFailed(AuthFailure why, absl::string_view message) const;
+  std::shared_ptr<const TenantDirectory> CurrentTenants() const;
+  // The app's rights on `device_id` under its tenant in force.
+  static DeviceRights RightsLocked(const App& app, uint32_t device_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(app.mu);
+  // The tenant configuration and quotas of an app of `tenant` (null: open
+  // mode); tenant and credential left empty.
+  AppTenancy TenancyOf(std::shared_ptr<const Tenant> tenant) const;
+  // Sets the app's tenant in force and the quotas that follow from it.
+  void SetTenantLocked(App& app, std::shared_ptr<const Tenant> tenant)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(app.mu);
+  // Takes away from every app what `tenants` does not grant (see SetTenants).
+  TenantsApplied ApplyTenants(const std::shared_ptr<const TenantDirectory>& tenants);
+  // What LineOpen answers for a device an app may not see: in open mode the
+  // device does not exist; with tenants, the same for devices that do.
+  absl::Status NoSuchDevice(uint32_t device_id) const;
   // Shutdown's work. With `only_if_expired`, does nothing unless the app's
   // lease has run out (checked under its lock). False if nothing was done.
   bool ShutdownApp(const std::shared_ptr<App>& app, bool only_if_expired, absl::string_view why);
@@ -244,7 +313,7 @@ class CallSessionCore {
   bool ReserveCallHandles(App& app, uint64_t count);
   void ReleaseCallHandles(App& app, uint64_t count);
   absl::Status QuotaExceeded(absl::string_view what);
-  absl::Status AuthenticateProvider(absl::string_view token) const;
+  absl::StatusOr<ProviderScope> AuthenticateProvider(const Credentials& provider) const;
   absl::StatusOr<Device*> FindDevice(uint32_t device_id) const;
   // The app's open line, or NOT_FOUND (LINEERR_INVALLINEHANDLE).
   absl::StatusOr<std::shared_ptr<Line>> FindOwnLine(const App& app, uint64_t line_handle) const;
@@ -267,8 +336,10 @@ class CallSessionCore {
   // the call handles opened through it, for VoidHandlesOfClosedLine.
   bool DetachLineLocked(Line& line, std::vector<uint64_t>* handles)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(line.device->mu);
-  // DetachLineLocked then FinishClosingLine. False if already closed.
-  bool CloseLine(Line& line, EventPublisher& events);
+  // DetachLineLocked then FinishClosingLine (`forced`: with a
+  // LineCloseEvent), with an audit line giving `why`. False if already
+  // closed.
+  bool CloseLine(Line& line, bool forced, absl::string_view why, EventPublisher& events);
   // After DetachLineLocked: voids the line's `handles`, then deletes the
   // line's record (with a LineCloseEvent to its app if `forced`). The
   // journal sees the handles voided first and the line go last, so every
@@ -331,6 +402,16 @@ class CallSessionCore {
   // Initialize, shutdown and the lease scan. A leaf lock.
   mutable absl::Mutex apps_mu_;
   absl::flat_hash_map<uint64_t, std::shared_ptr<App>> apps_ ABSL_GUARDED_BY(apps_mu_);
+  // Registered apps per tenant, for tenants' max_apps.
+  absl::flat_hash_map<std::string, size_t> tenant_apps_ ABSL_GUARDED_BY(apps_mu_);
+
+  // The tenants in force (null: open mode). Initialize reads it under
+  // apps_mu_, and SetTenants replaces it before it walks apps_, so no app
+  // can register under a configuration SetTenants does not see.
+  mutable absl::Mutex tenants_mu_ ABSL_ACQUIRED_AFTER(apps_mu_);
+  std::shared_ptr<const TenantDirectory> tenants_ ABSL_GUARDED_BY(tenants_mu_);
+  // Serializes SetTenants.
+  absl::Mutex set_tenants_mu_ ABSL_ACQUIRED_BEFORE(apps_mu_);
 
   // Serializes journal appends (see Change::Commit), and what only
   // appends touch: for each handle kind, every handle below this value may
@@ -348,6 +429,9 @@ class CallSessionCore {
   std::atomic<uint64_t> apps_expired_{0};
   std::atomic<uint64_t> events_lost_by_departed_apps_{0};
   std::atomic<uint64_t> quota_rejections_{0};
+  mutable std::atomic<uint64_t> auth_failures_[kAuthFailureKinds] = {};
+  std::atomic<uint64_t> apps_revoked_{0};
+  std::atomic<uint64_t> lines_revoked_{0};
 };
 
 }  // namespace callsession

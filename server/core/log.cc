@@ -2,8 +2,10 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -116,20 +118,51 @@ void LogField::AppendTo(std::string* out) const {
   out->append(json_value_);
 }
 
-void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields) {
-  if (!LogEnabled(level)) return;
+namespace {
+
+void WriteLine(LogLevel level, absl::string_view event, bool audit,
+               std::initializer_list<LogField> fields) {
   std::string line = "{\"time\":\"";
   line += absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone());
   line += "\",\"level\":\"";
   line += LevelName(level);
   line += "\",\"event\":";
   AppendJsonString(event, &line);
+  if (audit) line += ",\"audit\":true";
   for (const LogField& field : fields) {
     line.push_back(',');
     field.AppendTo(&line);
   }
   line += "}\n";
   WriteAll(line);
+}
+
+}  // namespace
+
+void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields) {
+  if (!LogEnabled(level)) return;
+  WriteLine(level, event, false, fields);
+}
+
+void Audit(absl::string_view event, std::initializer_list<LogField> fields) {
+  WriteLine(LogLevel::kInfo, event, true, fields);
+}
+
+LogRateLimiter::LogRateLimiter(double per_second, double burst)
+    : per_second_(per_second), burst_(burst), tokens_(burst), refilled_(absl::Now()) {}
+
+bool LogRateLimiter::Allow(uint64_t* suppressed) {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  tokens_ = std::min(burst_, tokens_ + absl::ToDoubleSeconds(now - refilled_) * per_second_);
+  refilled_ = now;
+  if (tokens_ < 1) {
+    ++suppressed_;
+    return false;
+  }
+  tokens_ -= 1;
+  *suppressed = std::exchange(suppressed_, 0);
+  return true;
 }
 
 }  // namespace callsession

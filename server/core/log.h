@@ -13,8 +13,11 @@
 #include <initializer_list>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace callsession {
 
@@ -49,6 +52,30 @@ class LogField {
 };
 
 void Log(LogLevel level, absl::string_view event, std::initializer_list<LogField> fields = {});
+
+// An audit line: who did what (registrations, lines opened and closed,
+// shutdowns, forced closes, revocations), with the tenant and the app.
+// Written whatever the log level, as level "info" with "audit":true.
+void Audit(absl::string_view event, std::initializer_list<LogField> fields);
+
+// Lets a recurring line through at most `per_second` times a second on
+// average (bursts of up to `burst`), so that a flood of failures cannot
+// flood the log. Thread-safe.
+class LogRateLimiter {
+ public:
+  LogRateLimiter(double per_second, double burst);
+  // True if a line may be written now; then `*suppressed` is how many were
+  // held back since the last one let through.
+  bool Allow(uint64_t* suppressed);
+
+ private:
+  const double per_second_;
+  const double burst_;
+  absl::Mutex mu_;
+  double tokens_ ABSL_GUARDED_BY(mu_);
+  absl::Time refilled_ ABSL_GUARDED_BY(mu_);
+  uint64_t suppressed_ ABSL_GUARDED_BY(mu_) = 0;
+};
 
 // Appends `text` as a JSON string literal (with quotes) to `out`.
 void AppendJsonString(absl::string_view text, std::string* out);

@@ -10,7 +10,8 @@
 //   6. the core's app registry (apps_mu_)
 //   7. the core's journal lock (journal_mu_): a change is appended to the
 //      journal while the locks of what it changed are still held
-//   8. leaves              store shards, EventQueue, the journal's own
+//   8. leaves              store shards, EventQueue, the tenants in force
+//                          (tenants_mu_), the journal's own
 // Nothing blocks or does I/O under any of them: events are pushed to queues
 // (a leaf), journal entries are queued for the journal's writer thread, and
 // sinks are woken after every lock is released (with a journal, once the
@@ -44,6 +45,7 @@
 #include "server/core/journal.h"
 #include "server/core/ref_ptr.h"
 #include "server/core/sha256.h"
+#include "server/core/tenants.h"
 
 namespace callsession {
 
@@ -59,14 +61,28 @@ struct IdempotentMakeCall {
   absl::Time answered;
 };
 
+// Whose an application is, and the quotas that follow from it.
+struct AppTenancy {
+  std::string tenant;      // "" in open mode
+  std::string credential;  // TenantMatch::credential
+  std::shared_ptr<const Tenant> config;
+  uint64_t max_lines = 0;  // 0: no limit
+  uint64_t max_call_handles = 0;
+};
+
 // A registered application.
 struct App {
-  App(uint64_t handle, std::string name, const Sha256Digest& secret_sha256,
+  App(uint64_t handle, std::string name, const Sha256Digest& secret_sha256, AppTenancy tenancy,
       size_t event_queue_capacity, const Journal* journal)
       : handle(handle),
         name(std::move(name)),
         secret_sha256(secret_sha256),
-        events(event_queue_capacity, journal) {}
+        tenant(std::move(tenancy.tenant)),
+        credential(std::move(tenancy.credential)),
+        events(event_queue_capacity, journal),
+        max_lines(tenancy.max_lines),
+        max_call_handles(tenancy.max_call_handles),
+        tenant_config(std::move(tenancy.config)) {}
 
   // Constant after construction.
   const uint64_t handle;
@@ -74,6 +90,11 @@ struct App {
   // SHA-256 of the token's secret half: the secret itself is kept nowhere,
   // in memory or on disk.
   const Sha256Digest secret_sha256;
+  // The tenant the app belongs to ("" without a tenants file) and the
+  // credential it registered with (TenantMatch::credential): a
+  // configuration without either shuts the app down.
+  const std::string tenant;
+  const std::string credential;
 
   EventQueue events;
 
@@ -83,6 +104,10 @@ struct App {
   // Call handles the app holds, for its quota: reserved before a handle is
   // issued, released when one is voided.
   std::atomic<uint64_t> call_handle_count{0};
+  // Its quotas (0: no limit): the server's flags or its tenant's; a reload
+  // may change them.
+  std::atomic<uint64_t> max_lines{0};
+  std::atomic<uint64_t> max_call_handles{0};
 
   absl::Mutex request_mu ABSL_ACQUIRED_BEFORE(mu);
   absl::flat_hash_map<std::string, IdempotentMakeCall> recent_requests ABSL_GUARDED_BY(request_mu);
@@ -96,6 +121,9 @@ struct App {
   // is still under way on some thread: its own removal waits for them.
   int lines_closing ABSL_GUARDED_BY(mu) = 0;
   bool NoLinesClosing() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return lines_closing == 0; }
+  // Its tenant in the configuration in force (it keeps that directory
+  // alive); null without a tenants file: every device, every right.
+  std::shared_ptr<const Tenant> tenant_config ABSL_GUARDED_BY(mu);
 };
 
 // A line device: the lines open on it and the calls on it.
@@ -116,13 +144,14 @@ struct Device {
 // An open line: one application's use of one device.
 struct Line {
   Line(uint64_t handle, std::shared_ptr<App> app, Device* device, bool owner, bool monitor,
-       uint64_t open_order)
+       uint64_t open_order, DeviceRights rights)
       : handle(handle),
         app(std::move(app)),
         device(device),
         owner(owner),
         monitor(monitor),
-        open_order(open_order) {}
+        open_order(open_order),
+        rights(rights) {}
 
   // Constant after construction.
   const uint64_t handle;
@@ -131,6 +160,10 @@ struct Line {
   const bool owner;
   const bool monitor;
   const uint64_t open_order;
+  // The app's rights on the device when the line was opened: what it may
+  // do through it (MakeCall needs kRightDial, GetNewCalls kRightMonitor). A
+  // configuration that takes any of them away closes the line.
+  const DeviceRights rights;
 
   // Set under the device lock by whoever closes the line; a closed line gets
   // no new call handles.

@@ -74,12 +74,17 @@ absl::Status CallSessionCore::RecoverApp(uint64_t handle, absl::string_view valu
     return Corrupt(key, "secret_sha256 is not 32 bytes");
   }
   std::copy(record.secret_sha256().begin(), record.secret_sha256().end(), digest.begin());
-  auto app =
-      std::make_shared<App>(handle, record.app_name(), digest, options_.event_buffer, journal_);
+  // The tenant configuration in force is applied once everything is loaded.
+  AppTenancy tenancy = TenancyOf(nullptr);
+  tenancy.tenant = record.tenant();
+  tenancy.credential = record.credential();
+  auto app = std::make_shared<App>(handle, record.app_name(), digest, std::move(tenancy),
+                                   options_.event_buffer, journal_);
   // Leases are not stored: every app gets a whole --app_ttl to come back.
   app->last_activity_ns.store(absl::ToUnixNanos(options_.clock->Now()), std::memory_order_relaxed);
   store_->RestoreApp(handle, app);
   absl::MutexLock lock(&apps_mu_);
+  ++tenant_apps_[app->tenant];
   apps_.emplace(handle, std::move(app));
   return absl::OkStatus();
 }
@@ -100,8 +105,10 @@ absl::Status CallSessionCore::RecoverLine(uint64_t handle, absl::string_view val
         devices_.size(), ": start with --devices of at least ", record.device_id() + 1));
   }
   Device& device = *devices_[record.device_id()];
+  const DeviceRights rights =
+      record.has_rights() ? static_cast<DeviceRights>(record.rights() & kAllRights) : kAllRights;
   auto line = std::make_shared<Line>(handle, app, &device, record.owner(), record.monitor(),
-                                     record.open_order());
+                                     record.open_order(), rights);
   store_->RestoreLine(handle, line);
   {
     absl::MutexLock lock(&app->mu);
@@ -343,6 +350,10 @@ absl::StatusOr<RecoveryCounts> CallSessionCore::Recover() {
     durable.WaitForNotification();
     counts.created = true;
   }
+  // What was loaded meets the tenants in force now.
+  const TenantsApplied applied = ApplyTenants(CurrentTenants());
+  counts.apps_revoked = applied.apps_shut_down;
+  counts.lines_revoked = applied.lines_closed;
   return counts;
 }
 

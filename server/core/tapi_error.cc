@@ -25,6 +25,8 @@ absl::string_view TapiErrorNameOf(TapiErrorCode code) {
       return "LINEERR_INVALPRIVSELECT";
     case TapiErrorCode::kNotOwner:
       return "LINEERR_NOTOWNER";
+    case TapiErrorCode::kOperationUnavail:
+      return "LINEERR_OPERATIONUNAVAIL";
     case TapiErrorCode::kResourceUnavail:
       return "LINEERR_RESOURCEUNAVAIL";
     case TapiErrorCode::kUninitialized:
@@ -42,6 +44,7 @@ absl::StatusCode StatusCodeOf(TapiErrorCode code) {
     case TapiErrorCode::kInvalCallState:
       return absl::StatusCode::kFailedPrecondition;
     case TapiErrorCode::kNotOwner:
+    case TapiErrorCode::kOperationUnavail:
       return absl::StatusCode::kPermissionDenied;
     case TapiErrorCode::kInvalAddress:
     case TapiErrorCode::kInvalAppName:

@@ -21,6 +21,7 @@ enum class TapiErrorCode {
   kInvalParam,       // INVALID_ARGUMENT
   kInvalPrivSelect,  // INVALID_ARGUMENT
   kNotOwner,         // PERMISSION_DENIED
+  kOperationUnavail, // PERMISSION_DENIED: the tenant may not (tenants.proto)
   kResourceUnavail,  // RESOURCE_EXHAUSTED
   kUninitialized,    // UNAUTHENTICATED
 };

@@ -380,7 +380,7 @@ class Harness {
         v1::InitializeRequest request;
         request.set_app_name(in.Byte() % 8 == 0 ? std::string("bad\n") : "fuzz");
         v1::InitializeResponse response;
-        const absl::Status status = core_->Initialize(request, &response);
+        const absl::Status status = core_->Initialize({}, request, &response);
         if (request.app_name() == "fuzz") {
           Expect(status, "OK", "Initialize");
           app = ModelApp();

@@ -57,7 +57,7 @@ class World {
       v1::InitializeRequest request;
       request.set_app_name("fuzz");
       v1::InitializeResponse response;
-      Check(core_.Initialize(request, &response).ok(), "Initialize");
+      Check(core_.Initialize({}, request, &response).ok(), "Initialize");
       tokens_.push_back(response.app_token());
       for (uint32_t device = 0; device < 2; ++device) {
         v1::LineOpenRequest open;
@@ -150,7 +150,7 @@ class World {
           v1::InitializeRequest request;
           (void)request.ParseFromArray(body, static_cast<int>(length));
           v1::InitializeResponse response;
-          if (core_.Initialize(request, &response).ok()) tokens_.push_back(response.app_token());
+          if (core_.Initialize({}, request, &response).ok()) tokens_.push_back(response.app_token());
           break;
         }
         case 15: {
