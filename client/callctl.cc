@@ -5,8 +5,10 @@
 // --tls_ca (and --tls_cert/--tls_key for mutual TLS) select a TLS channel.
 //
 // Application commands use the app token from --token (or
-// CALLSESSION_APP_TOKEN), which `init` prints; provider commands use
-// --provider_token (or CALLSESSION_PROVIDER_TOKEN). Results are printed as
+// CALLSESSION_APP_TOKEN), which `init` prints; `init` presents the tenant's
+// API key from --api_key (or CALLSESSION_API_KEY) to a server with tenants;
+// provider commands use --provider_token (or CALLSESSION_PROVIDER_TOKEN),
+// which may also be a tenant's API key with provider access. Results are printed as
 // JSON; errors as "error: CODE REASON: message" on stderr, exit status 1.
 #include <cstdio>
 #include <cstdlib>
@@ -30,6 +32,9 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
 ABSL_FLAG(std::string, token, "", "app token (default: $CALLSESSION_APP_TOKEN)");
+ABSL_FLAG(std::string, api_key, "",
+          "the tenant's API key for init and demo, on a server with tenants (default: "
+          "$CALLSESSION_API_KEY; prefer the variable: flags show in ps)");
 ABSL_FLAG(std::string, provider_token, "", "provider token (default: $CALLSESSION_PROVIDER_TOKEN)");
 ABSL_FLAG(std::string, admin_token, "", "admin token (default: $CALLSESSION_ADMIN_TOKEN)");
 ABSL_FLAG(absl::Duration, deadline, absl::Seconds(5), "deadline of each call");
@@ -50,7 +55,9 @@ namespace {
 constexpr char kUsage[] = R"(callctl [flags] COMMAND [ARGS...]
 
 Application commands (need --token or $CALLSESSION_APP_TOKEN, except init):
-  init [APP_NAME]                  register; prints app_handle and app_token
+  init [APP_NAME]                  register (with --api_key or $CALLSESSION_API_KEY
+                                   on a server with tenants); prints app_handle,
+                                   app_token and the devices it may open
   shutdown                         end the application
   line-open DEVICE [PRIVILEGES]    PRIVILEGES: owner, monitor or owner,monitor
   line-close LINE
@@ -378,6 +385,8 @@ int main(int argc, char** argv) {
 
   callsession::ClientOptions options;
   options.deadline = absl::GetFlag(FLAGS_deadline);
+  callsession::ClientOptions app_options = options;
+  app_options.api_key = callsession::FlagOrEnv(absl::GetFlag(FLAGS_api_key), "CALLSESSION_API_KEY");
   auto credentials = callsession::ChannelCredentialsFrom(
       {absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key)});
   if (!credentials.ok()) return callsession::Fail(credentials.status());
@@ -387,7 +396,7 @@ int main(int argc, char** argv) {
   }
   auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_server), *credentials, channel_args);
   callsession::Context ctx{
-      callsession::CallSessionClient(channel, options),
+      callsession::CallSessionClient(channel, app_options),
       callsession::ProviderClient(
           channel,
           callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token), "CALLSESSION_PROVIDER_TOKEN"),

@@ -154,7 +154,8 @@ absl::StatusOr<v1::InitializeResponse> CallSessionClient::Initialize(absl::strin
   v1::InitializeRequest request;
   request.set_app_name(std::string(app_name));
   absl::StatusOr<v1::InitializeResponse> response =
-      Invoke(*stub_, &v1::CallSessionService::Stub::Initialize, request, options_.deadline, "");
+      Invoke(*stub_, &v1::CallSessionService::Stub::Initialize, request, options_.deadline,
+             options_.api_key);
   if (response.ok()) token_ = response->app_token();
   return response;
 }

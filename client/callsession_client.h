@@ -45,6 +45,10 @@ std::string TapiReason(const absl::Status& status);
 struct ClientOptions {
   // Deadline of each unary call.
   absl::Duration deadline = absl::Seconds(5);
+  // The tenant's API key Initialize presents (as its bearer token) to a
+  // server with tenants; empty: none (open mode, or a client certificate
+  // identifies the tenant). A secret: never log it.
+  std::string api_key;
 };
 
 // The application's event stream. A thread reads the stream into a queue;
@@ -84,7 +88,8 @@ class CallSessionClient {
   explicit CallSessionClient(std::shared_ptr<grpc::ChannelInterface> channel,
                              ClientOptions options = {});
 
-  // Registers the application and keeps the returned token for later calls.
+  // Registers the application (with options().api_key, if set) and keeps
+  // the returned token for later calls.
   absl::StatusOr<v1::InitializeResponse> Initialize(absl::string_view app_name);
   // Uses an existing app token (from an earlier Initialize).
   void set_token(std::string token) { token_ = std::move(token); }

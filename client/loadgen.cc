@@ -18,6 +18,7 @@
 // connections); --rate=R sends R requests/s open loop instead, with latency
 // measured from each request's scheduled time (no coordinated omission).
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <cinttypes>
 #include <cstdio>
@@ -54,6 +55,9 @@ ABSL_FLAG(int32_t, calls, 1000, "get-call-info: live handles read; memory: live 
 ABSL_FLAG(int32_t, devices, 16, "devices the load is spread over");
 ABSL_FLAG(int32_t, server_pid, 0, "memory: the callsessiond process to read RSS from");
 ABSL_FLAG(std::string, token, "", "drain: the app whose calls to drop and deallocate");
+ABSL_FLAG(std::string, api_key, "",
+          "the tenant's API key Initialize presents, on a server with tenants (default: "
+          "$CALLSESSION_API_KEY)");
 ABSL_FLAG(std::string, json, "", "also write the report as JSON to this file");
 ABSL_FLAG(uint64_t, fixed_handle, 0,
           "get-call-info: read only this handle and skip all setup (for the empty-handler "
@@ -61,6 +65,15 @@ ABSL_FLAG(uint64_t, fixed_handle, 0,
 
 namespace callsession {
 namespace {
+
+// --api_key, else $CALLSESSION_API_KEY.
+std::string ApiKey() {
+  std::string key = absl::GetFlag(FLAGS_api_key);
+  if (key.empty()) {
+    if (const char* env = std::getenv("CALLSESSION_API_KEY")) key = env;
+  }
+  return key;
+}
 
 enum Rpc { kMakeCall, kGetCallInfo, kDrop, kDeallocateCall, kOfferCall, kAnswer, kRpcCount };
 constexpr const char* kRpcNames[kRpcCount] = {"MakeCall",       "GetCallInfo", "Drop",
@@ -524,7 +537,10 @@ int RunMemory(Setup& setup, std::shared_ptr<grpc::Channel> channel) {
   const int64_t with_calls = RssBytes(pid);
 
   // One extra handle per call: a monitor app takes them all with GetNewCalls.
-  CallSessionClient monitor(channel, ClientOptions{absl::Minutes(5)});
+  ClientOptions monitor_options;
+  monitor_options.deadline = absl::Minutes(5);
+  monitor_options.api_key = ApiKey();
+  CallSessionClient monitor(channel, monitor_options);
   if (absl::StatusOr<v1::InitializeResponse> init = monitor.Initialize("monitor"); !init.ok()) {
     return Fail("Initialize", init.status());
   }
@@ -602,7 +618,9 @@ int RunPopulate(Setup& setup) {
 }
 
 int RunDrain(const std::string& token, std::shared_ptr<grpc::Channel> channel) {
-  CallSessionClient app(channel, ClientOptions{absl::Minutes(1)});
+  ClientOptions options;
+  options.deadline = absl::Minutes(1);
+  CallSessionClient app(channel, options);
   app.set_token(token);
   const absl::Time start = absl::Now();
   size_t drained = 0;
@@ -668,7 +686,9 @@ int Main() {
     }
     return RunDrain(absl::GetFlag(FLAGS_token), channel);
   }
-  CallSessionClient app(channel);
+  ClientOptions app_options;
+  app_options.api_key = ApiKey();
+  CallSessionClient app(channel, app_options);
   const uint64_t fixed_handle = absl::GetFlag(FLAGS_fixed_handle);
   if (fixed_handle != 0) {
     if (setup.scenario != "get-call-info") {

@@ -23,7 +23,8 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
                                  public EventSink {
  public:
   static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
-      const ServingCore& serving, absl::string_view token, const v1::WatchEventsRequest& request) {
+      const grpc::CallbackServerContext* context, const ServingCore& serving,
+      absl::string_view token, const v1::WatchEventsRequest& request) {
     auto reactor = std::make_shared<WatchEventsReactor>();
     {
       absl::MutexLock lock(&reactor->mu_);
@@ -33,6 +34,9 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
     absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
         core.ok() ? (*core)->WatchEvents(token, request, reactor) : core.status();
     if (!subscription.ok()) {
+      if (subscription.status().code() == absl::StatusCode::kUnauthenticated) {
+        LogAuthenticationFailure(*context, subscription.status());
+      }
       reactor->End(ToGrpcStatus(subscription.status()));
     } else {
       {
@@ -126,7 +130,9 @@ grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(grpc::CallbackServe
                                                              const v1::InitializeRequest* request,
                                                              v1::InitializeResponse* response) {
   return Respond(context, serving_, Reply::kWhenDurable,
-                 [&](CallSessionCore& core) { return core.Initialize(*request, response); });
+                 [&](CallSessionCore& core) {
+                   return core.Initialize(CallerCredentials(*context), *request, response);
+                 });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(grpc::CallbackServerContext* context,
@@ -227,7 +233,7 @@ grpc::ServerUnaryReactor* CallSessionGrpcService::KeepAlive(grpc::CallbackServer
 
 grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(
     grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
-  return WatchEventsReactor::Start(serving_, BearerToken(*context), *request);
+  return WatchEventsReactor::Start(context, serving_, BearerToken(*context), *request);
 }
 
 }  // namespace callsession

@@ -4,8 +4,12 @@
 #include <string>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
+#include "grpc/grpc_security_constants.h"
+#include "grpcpp/security/auth_context.h"
+#include "server/core/log.h"
 #include "server/core/tapi_error.h"
 
 namespace callsession {
@@ -55,6 +59,32 @@ absl::string_view BearerToken(const grpc::ServerContextBase& context) {
     return {};
   }
   return value.substr(kScheme.size());
+}
+
+Credentials CallerCredentials(const grpc::ServerContextBase& context) {
+  Credentials credentials(BearerToken(context));
+  const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  // Only a verified client certificate: the server requires and checks
+  // them whenever it has a client CA.
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return credentials;
+  auto add = [&](const char* property, absl::string_view prefix) {
+    for (const grpc::string_ref& value : auth->FindPropertyValues(property)) {
+      credentials.identities.push_back(
+          absl::StrCat(prefix, absl::string_view(value.data(), value.size())));
+    }
+  };
+  add(GRPC_X509_SUBJECT_PROPERTY_NAME, "subject:");
+  add(GRPC_PEER_URI_PROPERTY_NAME, "uri:");
+  add(GRPC_PEER_DNS_PROPERTY_NAME, "dns:");
+  return credentials;
+}
+
+void LogAuthenticationFailure(const grpc::ServerContextBase& context, const absl::Status& status) {
+  static LogRateLimiter* const limiter = new LogRateLimiter(10, 20);
+  uint64_t suppressed = 0;
+  if (!limiter->Allow(&suppressed)) return;
+  Log(LogLevel::kWarning, "authentication_failed",
+      {{"peer", context.peer()}, {"reason", status.message()}, {"suppressed", suppressed}});
 }
 
 }  // namespace callsession

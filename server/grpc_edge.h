@@ -35,6 +35,11 @@ enum class Reply {
   kWhenDurable,  // anything that may change state, whatever its outcome
 };
 
+// Logs a failed authentication (UNAUTHENTICATED `status`) with the peer's
+// address and the reason, at most 10 lines a second (bursts of 20); the
+// lines held back are counted in the next one's `suppressed`.
+void LogAuthenticationFailure(const grpc::ServerContextBase& context, const absl::Status& status);
+
 // Runs `call` (a callable taking CallSessionCore&, returning absl::Status)
 // on the serving core and finishes the RPC with its status, as `reply`
 // says. UNAVAILABLE, without running it, while the core is not ready.
@@ -44,6 +49,9 @@ grpc::ServerUnaryReactor* Respond(grpc::CallbackServerContext* context, const Se
   absl::StatusOr<CallSessionCore*> core = serving.Get();
   if (!core.ok()) return FinishUnary(context, core.status());
   absl::Status status = std::forward<Call>(call)(**core);
+  if (status.code() == absl::StatusCode::kUnauthenticated) {
+    LogAuthenticationFailure(*context, status);
+  }
   if (reply == Reply::kAtOnce) return FinishUnary(context, status);
   return FinishWhenDurable(context, **core, std::move(status));
 }
@@ -52,6 +60,12 @@ grpc::ServerUnaryReactor* Respond(grpc::CallbackServerContext* context, const Se
 // case), or "" if there is none or more than one. Points into the
 // context's metadata.
 absl::string_view BearerToken(const grpc::ServerContextBase& context);
+
+// What the request carried to prove who sent it: its bearer token and,
+// over mutual TLS, the verified client certificate's identities
+// ("subject:", "uri:" and "dns:" each SAN). For Initialize and the provider
+// service: it copies the identities.
+Credentials CallerCredentials(const grpc::ServerContextBase& context);
 
 }  // namespace callsession
 

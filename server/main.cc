@@ -45,6 +45,12 @@ ABSL_FLAG(uint64_t, max_apps, 1000, "registered applications at most; 0 no limit
 ABSL_FLAG(uint64_t, max_lines_per_app, 1000, "open lines per application at most; 0 no limit");
 ABSL_FLAG(uint64_t, max_call_handles_per_app, 100000,
           "call handles per application at most; 0 no limit");
+ABSL_FLAG(std::string, tenants_file, "",
+          "the tenants file (protobuf text, callsession.config.v1.TenantsFile): who may "
+          "Initialize, open which devices with which privileges, act as provider; re-read when "
+          "it changes and on SIGHUP. Empty: open mode, for development only");
+ABSL_FLAG(absl::Duration, tenants_check_interval, absl::Seconds(1),
+          "how often the tenants file is checked for a change");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT to serve Prometheus /metrics on; empty turns metrics off");
 ABSL_FLAG(bool, reflection, true, "serve gRPC server reflection (grpcurl, ghz, buf curl)");
@@ -88,6 +94,8 @@ constexpr const char* kFlagsFromEnvironment[] = {"listen",
                                                  "max_apps",
                                                  "max_lines_per_app",
                                                  "max_call_handles_per_app",
+                                                 "tenants_file",
+                                                 "tenants_check_interval",
                                                  "metrics_listen",
                                                  "reflection",
                                                  "log_level",
@@ -111,7 +119,8 @@ constexpr char kUsage[] =
     "CALLSESSION_LISTEN=0.0.0.0:50051); a flag on the command line wins. The\n"
     "provider token is read only from CALLSESSION_PROVIDER_TOKEN, the admin token\n"
     "(backups) only from CALLSESSION_ADMIN_TOKEN; without one, its service refuses\n"
-    "every call.";
+    "every call. SIGTERM and SIGINT shut down gracefully; SIGHUP re-reads the\n"
+    "tenants file.";
 
 // Sets each flag whose CALLSESSION_<FLAG> variable is set. False (after
 // logging why) if a value does not parse.
@@ -168,6 +177,7 @@ int main(int argc, char** argv) {
   sigemptyset(&shutdown_signals);
   sigaddset(&shutdown_signals, SIGINT);
   sigaddset(&shutdown_signals, SIGTERM);
+  sigaddset(&shutdown_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
 
   callsession::ServerOptions options;
@@ -195,6 +205,8 @@ int main(int argc, char** argv) {
     options.core.provider_token = token;
   }
   if (const char* token = std::getenv("CALLSESSION_ADMIN_TOKEN")) options.admin_token = token;
+  options.tenants_file = absl::GetFlag(FLAGS_tenants_file);
+  options.tenants_check_interval = absl::GetFlag(FLAGS_tenants_check_interval);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
@@ -225,10 +237,16 @@ int main(int argc, char** argv) {
                     {"devices", options.core.num_devices},
                     {"shards", options.core.shards},
                     {"app_ttl_seconds", absl::ToDoubleSeconds(options.core.app_ttl)},
-                    {"provider_service", !options.core.provider_token.empty()}});
+                    {"tenants_file", options.tenants_file},
+                    {"provider_token", !options.core.provider_token.empty()}});
 
   int signal_number = 0;
-  sigwait(&shutdown_signals, &signal_number);
+  for (;;) {
+    sigwait(&shutdown_signals, &signal_number);
+    if (signal_number != SIGHUP) break;
+    // Logged (and counted) by the reload itself.
+    (void)(*server)->ReloadTenants();
+  }
   callsession::Log(callsession::LogLevel::kInfo, "shutting_down",
                    {{"signal", signal_number}, {"grace_seconds", absl::ToDoubleSeconds(grace)}});
   (*server)->Shutdown(grace);

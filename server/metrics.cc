@@ -264,6 +264,54 @@ class CoreCollector final : public prometheus::Collectable {
         stats.calls_dropped_by_line_close, true);
     add("callsession_forced_line_closes_total", "Lines closed by ForceLineClose.",
         stats.forced_line_closes, true);
+    {
+      prometheus::MetricFamily failures;
+      failures.name = "callsession_auth_failures_total";
+      failures.help =
+          "Failed authentications (UNAUTHENTICATED), by reason: missing_credential, "
+          "malformed_token, unknown_token, unknown_api_key, unknown_client_identity, "
+          "conflicting_credentials, not_provider.";
+      failures.type = prometheus::MetricType::Counter;
+      for (int i = 0; i < kAuthFailureKinds; ++i) {
+        prometheus::ClientMetric metric = Value(static_cast<double>(stats.auth_failures[i]), true);
+        metric.label.push_back(
+            {"reason", std::string(AuthFailureName(static_cast<AuthFailure>(i)))});
+        failures.metric.push_back(std::move(metric));
+      }
+      families.push_back(std::move(failures));
+    }
+    if (core->options().tenants != nullptr) {
+      const std::vector<TenantUsage> usages = core->TenantUsages();
+      add("callsession_tenants_configured", "Tenants in the tenants file in force.",
+          static_cast<double>(usages.size()), false);
+      add("callsession_apps_revoked_total",
+          "Applications shut down because the tenants file no longer has their tenant or "
+          "credential.",
+          stats.apps_revoked, true);
+      add("callsession_lines_revoked_total",
+          "Lines closed because the tenants file took away a right they were opened with.",
+          stats.lines_revoked, true);
+      auto per_tenant = [&](const char* name, const char* help, size_t TenantUsage::*field) {
+        prometheus::MetricFamily family;
+        family.name = name;
+        family.help = help;
+        family.type = prometheus::MetricType::Gauge;
+        for (const TenantUsage& usage : usages) {
+          prometheus::ClientMetric metric = Value(static_cast<double>(usage.*field), false);
+          metric.label.push_back({"tenant", usage.tenant});
+          family.metric.push_back(std::move(metric));
+        }
+        families.push_back(std::move(family));
+      };
+      per_tenant("callsession_tenant_apps", "Registered applications of each tenant.",
+                 &TenantUsage::apps);
+      per_tenant("callsession_tenant_lines", "Open lines of each tenant's applications.",
+                 &TenantUsage::lines);
+      per_tenant("callsession_tenant_call_handles",
+                 "Call handles each tenant's applications hold (a call seen by two of its "
+                 "applications counts twice).",
+                 &TenantUsage::call_handles);
+    }
     if (stats.journaled) {
       add("callsession_journal_entries_total", "Journal entries appended (one per change).",
           stats.journal.entries, true);
@@ -299,6 +347,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
                                "from the moment shutdown begins.")
                            .Register(*metrics->registry_)
                            .Add({});
+  auto& reloads = prometheus::BuildCounter()
+                     .Name("callsession_tenants_reloads_total")
+                     .Help(
+                         "Reloads of the tenants file: put in force (ok) or refused (error, the "
+                         "configuration in force stays).")
+                     .Register(*metrics->registry_);
+  metrics->tenants_reloads_ok_ = &reloads.Add({{"result", "ok"}});
+  metrics->tenants_reloads_failed_ = &reloads.Add({{"result", "error"}});
   for (const std::string& name : service_names) {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(name);
@@ -327,6 +383,10 @@ JournalObserver* ServerMetrics::journal_observer() { return journal_observer_.ge
 void ServerMetrics::SetRecoverySeconds(double seconds) { recovery_seconds_->Set(seconds); }
 
 void ServerMetrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
+
+void ServerMetrics::RecordTenantsReload(bool ok) {
+  (ok ? tenants_reloads_ok_ : tenants_reloads_failed_)->Increment();
+}
 
 std::unique_ptr<MethodMetrics> ServerMetrics::NewMethodMetrics(const std::string& full_method,
                                                                const char* rpc_type) {

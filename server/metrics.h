@@ -13,7 +13,14 @@
 //    callsession_journal_commit_seconds (histogram: from a batch's first
 //    entry to its being durable) and callsession_recovery_seconds;
 //  - callsession_serving: 1 while health reports SERVING, 0 while the store
-//    loads and from the moment shutdown begins.
+//    loads and from the moment shutdown begins;
+//  - authentication: callsession_auth_failures_total{reason} (reason: see
+//    AuthFailureName);
+//  - with a tenants file: callsession_tenant_{apps,lines,call_handles}
+//    {tenant} (one series per tenant in force: label values come only from
+//    the file), callsession_tenants_configured,
+//    callsession_tenants_reloads_total{result="ok"|"error"}, and
+//    callsession_{apps,lines}_revoked_total.
 //
 // The per-RPC series of every method of the given services are created up
 // front (as go-grpc-prometheus's InitializeMetrics does), so recording an RPC
@@ -34,6 +41,7 @@
 
 namespace prometheus {
 class Collectable;
+class Counter;
 class Gauge;
 class Histogram;
 class Registry;
@@ -73,6 +81,9 @@ class ServerMetrics {
   void SetRecoverySeconds(double seconds);
   // Follows the health service's overall status.
   void SetServing(bool serving);
+  // Counts a reload of the tenants file that was put in force (`ok`) or
+  // refused.
+  void RecordTenantsReload(bool ok);
 
   // Sums of grpc_server_started_total and grpc_server_handled_total.
   RpcTotals Totals();
@@ -91,6 +102,8 @@ class ServerMetrics {
   std::unique_ptr<JournalObserver> journal_observer_;
   prometheus::Gauge* recovery_seconds_ = nullptr;
   prometheus::Gauge* serving_ = nullptr;
+  prometheus::Counter* tenants_reloads_ok_ = nullptr;
+  prometheus::Counter* tenants_reloads_failed_ = nullptr;
   std::unique_ptr<MetricsEndpoint> endpoint_;
   int port_ = 0;
   // Built in Start and never changed afterwards: read without a lock.

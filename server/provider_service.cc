@@ -8,7 +8,7 @@ grpc::ServerUnaryReactor* ProviderGrpcService::OfferCall(grpc::CallbackServerCon
                                                          const v1::OfferCallRequest* request,
                                                          v1::OfferCallResponse* response) {
   return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.OfferCall(BearerToken(*context), *request, response);
+    return core.OfferCall(CallerCredentials(*context), *request, response);
   });
 }
 
@@ -16,7 +16,7 @@ grpc::ServerUnaryReactor* ProviderGrpcService::SetCallState(grpc::CallbackServer
                                                             const v1::SetCallStateRequest* request,
                                                             v1::SetCallStateResponse* response) {
   return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.SetCallState(BearerToken(*context), *request, response);
+    return core.SetCallState(CallerCredentials(*context), *request, response);
   });
 }
 
@@ -24,7 +24,7 @@ grpc::ServerUnaryReactor* ProviderGrpcService::ForceLineClose(
     grpc::CallbackServerContext* context, const v1::ForceLineCloseRequest* request,
     v1::ForceLineCloseResponse* response) {
   return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.ForceLineClose(BearerToken(*context), *request, response);
+    return core.ForceLineClose(CallerCredentials(*context), *request, response);
   });
 }
 

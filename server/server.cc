@@ -44,7 +44,7 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) 
   return contents.str();
 }
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const TlsFiles& tls) {
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFrom(const TlsFiles& tls) {
   if (tls.cert_file.empty() && tls.key_file.empty()) {
     if (!tls.client_ca_file.empty()) {
       return absl::InvalidArgumentError("a TLS client CA needs a TLS certificate and key");
@@ -111,7 +111,27 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   std::string host;
   CS_RETURN_IF_ERROR(SplitHostPort(options.listen_address, &host));
   CS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
-                      Credentials(options.tls));
+                      ServerCredentialsFrom(options.tls));
+
+  if (options.tenants_check_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("tenants_check_interval must be positive");
+  }
+  FileIdentity tenants_identity;
+  if (!options.tenants_file.empty()) {
+    // Before reading: a change from here on is seen by the watcher.
+    tenants_identity = IdentifyFile(options.tenants_file);
+    CS_ASSIGN_OR_RETURN(options.core.tenants, TenantDirectory::Load(options.tenants_file,
+                                                                    options.core.num_devices));
+    Log(LogLevel::kInfo, "tenants_loaded",
+        {{"tenants_file", options.tenants_file},
+         {"sha256", options.core.tenants->sha256()},
+         {"tenants", static_cast<uint64_t>(options.core.tenants->tenants().size())}});
+  } else if (options.core.tenants == nullptr) {
+    Log(LogLevel::kWarning, "open_mode",
+        {{"detail",
+          "no --tenants_file: any client may Initialize and open every device with every "
+          "privilege; for development only"}});
+  }
 
   std::unique_ptr<CallSessionServer> server(new CallSessionServer());
   server->call_session_service_ = std::make_unique<CallSessionGrpcService>(&server->serving_);
@@ -173,7 +193,14 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   for (const char* service : services) health->SetServingStatus(service, false);
   if (options.on_listening) options.on_listening(server->address_);
 
+  const std::string tenants_sha256 =
+      options.core.tenants != nullptr ? options.core.tenants->sha256() : "";
   CS_RETURN_IF_ERROR(server->LoadCore(options));
+  if (!options.tenants_file.empty()) {
+    server->tenants_watcher_ = std::make_unique<TenantsFileWatcher>(
+        options.tenants_file, tenants_identity, tenants_sha256, server->core_.get(),
+        server->metrics_.get(), options.tenants_check_interval);
+  }
   health->SetServingStatus(true);
   for (const char* service : services) health->SetServingStatus(service, true);
   if (server->metrics_ != nullptr) server->metrics_->SetServing(true);
@@ -208,6 +235,8 @@ absl::Status CallSessionServer::LoadCore(ServerOptions& options) {
          {"call_handles", static_cast<uint64_t>(counts.call_handles)},
          {"events", static_cast<uint64_t>(counts.events)},
          {"request_ids", static_cast<uint64_t>(counts.request_ids)},
+         {"apps_revoked", static_cast<uint64_t>(counts.apps_revoked)},
+         {"lines_revoked", static_cast<uint64_t>(counts.lines_revoked)},
          {"new_store", counts.created},
          {"seconds", seconds}});
   } else {
@@ -227,8 +256,16 @@ CallSessionServer::~CallSessionServer() {
   if (!shut_down_ && server_ != nullptr) Shutdown(absl::ZeroDuration());
 }
 
+absl::Status CallSessionServer::ReloadTenants() {
+  if (tenants_watcher_ == nullptr) {
+    return absl::FailedPreconditionError("the server runs without a tenants file (open mode)");
+  }
+  return tenants_watcher_->Reload();
+}
+
 void CallSessionServer::Shutdown(absl::Duration grace) {
   shut_down_ = true;
+  tenants_watcher_.reset();
   // Clients cannot renew leases while the server drains.
   stop_leases_.Notify();
   if (lease_thread_.joinable()) lease_thread_.join();

@@ -23,6 +23,7 @@
 #include "server/metrics.h"
 #include "server/provider_service.h"
 #include "server/serving_core.h"
+#include "server/tenants_watcher.h"
 
 namespace callsession {
 
@@ -48,6 +49,12 @@ struct ServerOptions {
   std::function<void(const std::string& address)> on_listening;
   // The AdminService's bearer token; empty refuses every admin call.
   std::string admin_token;
+  // The tenants file (protos/callsession/config/v1/tenants.proto); empty:
+  // open mode (core.tenants stays null; a warning is logged). Start loads
+  // it into core.tenants, and the server re-reads it when it changes,
+  // checking every tenants_check_interval.
+  std::string tenants_file;
+  absl::Duration tenants_check_interval = absl::Seconds(1);
   // Requests larger than this fail with RESOURCE_EXHAUSTED in the transport.
   // The largest valid request is well under 1 KiB.
   int max_receive_message_bytes = 16 * 1024;
@@ -78,9 +85,10 @@ class CallSessionServer {
   // UNAVAILABLE), opens the store and recovers the core from it (logging
   // `recovering` with the address, then `recovered` with the counts and the
   // time taken), and only then serves: health SERVING. Errors:
-  // INVALID_ARGUMENT for bad options or unreadable TLS files, UNAVAILABLE if
-  // an address cannot be bound; opening or recovering the store: its error
-  // (see OpenRocksDbJournal and CallSessionCore::Recover).
+  // INVALID_ARGUMENT for bad options, unreadable TLS files or a tenants file
+  // that is unreadable or wrong (naming its line), UNAVAILABLE if an address
+  // cannot be bound; opening or recovering the store: its error (see
+  // OpenRocksDbJournal and CallSessionCore::Recover).
   static absl::StatusOr<std::unique_ptr<CallSessionServer>> Start(ServerOptions options);
 
   // Shuts down with no grace if Shutdown was not called.
@@ -102,6 +110,10 @@ class CallSessionServer {
   void Shutdown(absl::Duration grace);
 
   CallSessionCore& core() { return *core_; }
+
+  // Re-reads the tenants file now (SIGHUP); see TenantsFileWatcher::Reload.
+  // FAILED_PRECONDITION without a tenants file.
+  absl::Status ReloadTenants();
   // Null with the memory store.
   Journal* journal() { return journal_.get(); }
   // Null if metrics are off.
@@ -131,6 +143,8 @@ class CallSessionServer {
   bool shut_down_ = false;
   absl::Notification stop_leases_;
   std::thread lease_thread_;  // runs EnforceLeases when leases are on
+  // With a tenants file; destroyed before the core it feeds.
+  std::unique_ptr<TenantsFileWatcher> tenants_watcher_;
 };
 
 }  // namespace callsession

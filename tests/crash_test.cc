@@ -199,7 +199,7 @@ struct KnownHandle {
 class App {
  public:
   App(Shared& shared, std::string name) : shared_(shared), name_(std::move(name)) {
-    client_ = std::make_unique<CallSessionClient>(shared.channel, ClientOptions{absl::Seconds(2)});
+    client_ = std::make_unique<CallSessionClient>(shared.channel, ClientOptions{absl::Seconds(2), {}});
   }
 
   const std::string& name() const { return name_; }
@@ -495,7 +495,7 @@ void InboundWorker(Shared& shared, App& owner, App& monitor, uint32_t device, in
                    std::set<uint64_t>* open_lines, std::vector<uint64_t>* acked_offers,
                    absl::Mutex* lines_mu) {
   std::mt19937 random(seed);
-  ProviderClient provider(shared.channel, kProviderToken, ClientOptions{absl::Seconds(2)});
+  ProviderClient provider(shared.channel, kProviderToken, ClientOptions{absl::Seconds(2), {}});
   if (!owner.Initialize() || !monitor.Initialize()) return shared.gate.Leave();
   const uint64_t owner_line = owner.OpenLine(device, {kOwner});
   const uint64_t monitor_line = monitor.OpenLine(device, {kMonitor});
