@@ -33,7 +33,6 @@ constexpr char kProviderToken[] = "all-devices-provider";
 constexpr uint32_t kDevices = 16;
 constexpr v1::CallPrivilege kOwner = v1::CALL_PRIVILEGE_OWNER;
 constexpr v1::CallPrivilege kMonitor = v1::CALL_PRIVILEGE_MONITOR;
-constexpr absl::Duration kEventWait = absl::Seconds(5);
 
 MATCHER_P2(IsRpcError, code, name, "") {
   const absl::Status& status = StatusOf(arg);
