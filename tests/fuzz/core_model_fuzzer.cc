@@ -8,6 +8,15 @@
 // the model's. Leaks are caught by LeakSanitizer (fuzz builds) and by the
 // store being empty once every app has shut down.
 //
+// Tenants: the input's first byte chooses open mode or tenants. With
+// tenants, apps register with one of two tenants' keys (or a wrong one, or
+// a provider-only tenant's), the provider acts with the all-devices token
+// or a key scoped to devices 0-1, and an operation puts one of three
+// configurations in force (tenants, keys, rights and quotas change; see
+// kConfigs). After every step, isolation is checked independently of the
+// model: every handle an app lists is on a device its tenant may see, with
+// the right its privilege needs, and no app can read another's handles.
+//
 // The model is deliberately naive: plain maps and linear scans, written
 // from the API contract in protos/, not from the core's code.
 //
@@ -31,7 +40,9 @@
 #include "absl/synchronization/notification.h"
 #include "server/core/call_session_core.h"
 #include "server/core/log.h"
+#include "server/core/sha256.h"
 #include "server/core/tapi_error.h"
+#include "server/core/tenants.h"
 #include "tests/test_support.h"
 #ifdef CALLSESSION_FUZZ_DURABLE
 #include <filesystem>
@@ -44,9 +55,32 @@ namespace {
 
 constexpr char kProvider[] = "fuzz-provider";
 constexpr int kApps = 3;
-constexpr uint32_t kDevices = 2;
+constexpr uint32_t kDevices = 4;
 constexpr size_t kMaxLines = 3;
 constexpr size_t kMaxHandles = 5;
+
+// Tenant t0 (keys key-0 and, in some configurations, key-0b) and t1
+// (key-1); "p" is a provider for devices 0-1 only (key-p), with no device.
+// Rights per device as DeviceRights bits (1 place calls, 2 own, 4 monitor):
+// t0 and t1 overlap on devices 1-2, and each has one of its own.
+struct TenantsConfig {
+  uint8_t rights[2][kDevices];
+  bool t1_present;
+  bool key_0b_present;
+  // 0: the flags' limits.
+  size_t t0_max_lines;
+  size_t t0_max_handles;
+  size_t t1_max_apps;
+};
+constexpr TenantsConfig kConfigs[] = {
+    {{{7, 7, 4, 0}, {0, 3, 3, 7}}, true, true, 0, 0, 0},
+    // t0 loses MONITOR on 2 and key-0b; t1 loses device 1 and OWNER on 2.
+    {{{7, 7, 0, 0}, {0, 0, 1, 7}}, true, false, 2, 0, 1},
+    // t1 is gone; t0 may monitor 2 and 3, with fewer handles.
+    {{{7, 7, 4, 4}, {0, 0, 0, 0}}, false, true, 0, 3, 0},
+};
+constexpr int kConfigCount = 3;
+const char* const kKeys[] = {"key-0", "key-0b", "key-1", "key-wrong", "key-p"};
 constexpr absl::Duration kAppTtl = absl::Seconds(10);
 constexpr absl::Duration kRequestIdTtl = absl::Seconds(30);
 
@@ -85,6 +119,7 @@ struct ModelLine {
   bool owner;
   bool monitor;
   uint64_t order;  // open order, for "earliest line" rules
+  uint8_t rights;  // the app's rights on the device when it opened it
 };
 
 struct ModelHolder {
@@ -104,6 +139,8 @@ struct ModelCall {
 struct ModelApp {
   bool alive = false;
   std::string token;
+  int tenant = -1;  // 0 or 1; -1 in open mode
+  std::string key;
   uint64_t events = 0;  // events queued so far
   struct Request {
     uint64_t line;
@@ -195,9 +232,79 @@ struct Model {
 
 // ---------------------------------------------------------------------------
 
+std::string HexSha256(absl::string_view text) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string hex;
+  for (uint8_t byte : Sha256(text)) {
+    hex.push_back(kDigits[byte >> 4]);
+    hex.push_back(kDigits[byte & 0xf]);
+  }
+  return hex;
+}
+
+// The tenants file of kConfigs[config].
+std::string ConfigText(const TenantsConfig& config) {
+  auto tenant = [](const char* name, std::vector<const char*> keys, const uint8_t* rights,
+                   const std::string& quotas) {
+    std::string text = absl::StrCat("tenants {\n  name: \"", name, "\"\n");
+    for (const char* key : keys) absl::StrAppend(&text, "  api_key_sha256: \"", HexSha256(key), "\"\n");
+    for (uint32_t device = 0; device < kDevices; ++device) {
+      if (rights[device] == 0) continue;
+      absl::StrAppend(&text, "  devices { first: ", device, " last: ", device, " privileges: [");
+      const char* separator = "";
+      for (auto [bit, privilege] : {std::pair<int, const char*>{1, "DEVICE_PRIVILEGE_NONE"},
+                                    {2, "DEVICE_PRIVILEGE_OWNER"},
+                                    {4, "DEVICE_PRIVILEGE_MONITOR"}}) {
+        if (rights[device] & bit) {
+          absl::StrAppend(&text, separator, privilege);
+          separator = ", ";
+        }
+      }
+      absl::StrAppend(&text, "] }\n");
+    }
+    return absl::StrCat(text, quotas, "}\n");
+  };
+  std::string text;
+  std::vector<const char*> t0_keys = {"key-0"};
+  if (config.key_0b_present) t0_keys.push_back("key-0b");
+  std::string t0_quotas;
+  if (config.t0_max_lines != 0) {
+    absl::StrAppend(&t0_quotas, "  quotas { max_lines_per_app: ", config.t0_max_lines, " }\n");
+  }
+  if (config.t0_max_handles != 0) {
+    absl::StrAppend(&t0_quotas, "  quotas { max_call_handles_per_app: ", config.t0_max_handles,
+                    " }\n");
+  }
+  absl::StrAppend(&text, tenant("t0", t0_keys, config.rights[0], t0_quotas));
+  if (config.t1_present) {
+    absl::StrAppend(&text, tenant("t1", {"key-1"}, config.rights[1],
+                                  config.t1_max_apps != 0
+                                      ? absl::StrCat("  quotas { max_apps: ", config.t1_max_apps,
+                                                     " }\n")
+                                      : ""));
+  }
+  absl::StrAppend(&text, "tenants {\n  name: \"p\"\n  api_key_sha256: \"", HexSha256("key-p"),
+                  "\"\n  provider { devices { first: 0 last: 1 } }\n}\n");
+  return text;
+}
+
+std::shared_ptr<const TenantDirectory> Directory(int config) {
+  static const std::vector<std::shared_ptr<const TenantDirectory>>* directories = [] {
+    auto* built = new std::vector<std::shared_ptr<const TenantDirectory>>();
+    for (const TenantsConfig& config : kConfigs) {
+      absl::StatusOr<std::shared_ptr<const TenantDirectory>> parsed =
+          TenantDirectory::Parse(ConfigText(config), kDevices);
+      CHECK_THAT(parsed.ok(), "tenants config: ", parsed.status().ToString());
+      built->push_back(*std::move(parsed));
+    }
+    return built;
+  }();
+  return (*directories)[config];
+}
+
 class Harness {
  public:
-  Harness() { Open(); }
+  explicit Harness(bool tenants) : tenants_(tenants) { Open(); }
 
   ~Harness() {
     core_.reset();
@@ -291,8 +398,35 @@ class Harness {
     options.max_lines_per_app = kMaxLines;
     options.max_call_handles_per_app = kMaxHandles;
     options.clock = &clock_;
+    if (tenants_) options.tenants = Directory(config_);
     return options;
   }
+
+  const TenantsConfig& Config() const { return kConfigs[config_]; }
+  // App `a`'s rights on `device` now.
+  uint8_t RightsOf(int a, uint32_t device) const {
+    if (!tenants_) return 7;
+    return device < kDevices ? Config().rights[model_.apps[a].tenant][device] : 0;
+  }
+  size_t HandleLimit(int a) const {
+    if (tenants_ && model_.apps[a].tenant == 0 && Config().t0_max_handles != 0) {
+      return Config().t0_max_handles;
+    }
+    return kMaxHandles;
+  }
+  size_t LineLimit(int a) const {
+    if (tenants_ && model_.apps[a].tenant == 0 && Config().t0_max_lines != 0) {
+      return Config().t0_max_lines;
+    }
+    return kMaxLines;
+  }
+  // Provider 0: the all-devices token; 1: key-p, a tenant's key for
+  // devices 0-1 (no provider without tenants); 2: a wrong token.
+  static const char* ProviderCredential(int provider) {
+    return provider == 0 ? kProvider : provider == 1 ? "key-p" : "not-a-provider";
+  }
+  bool ProviderAccepted(int provider) const { return provider == 0 || (provider == 1 && tenants_); }
+  static bool ProviderCovers(int provider, uint32_t device) { return provider != 1 || device <= 1; }
 
   // The token to use for app slot `a`: its live one, its stale one, or none.
   std::string TokenOf(int a) { return model_.apps[a].token; }
@@ -351,7 +485,9 @@ class Harness {
     ModelCall& call = model_.calls.at(call_id);
     for (uint64_t line_handle : model_.LinesOn(call.device, false)) {
       const ModelLine& line = model_.lines.at(line_handle);
-      if (Model::Holds(call, line.app) || model_.HandlesOf(line.app) >= kMaxHandles) continue;
+      if (Model::Holds(call, line.app) || model_.HandlesOf(line.app) >= HandleLimit(line.app)) {
+        continue;
+      }
       AddPending(call_id, line.app, line_handle, false);
       model_.Event(line.app);  // AppNewCallEvent
     }
@@ -373,22 +509,44 @@ class Harness {
 #ifdef CALLSESSION_FUZZ_DURABLE
     if (opcode_byte >= 240) return Restart();
 #endif
-    const int opcode = opcode_byte % 15;
+    const int opcode = opcode_byte % 16;
     switch (opcode) {
       case 0: {  // Initialize (replaces the slot's app, if any, with a new one)
         if (alive) return;
         v1::InitializeRequest request;
-        request.set_app_name(in.Byte() % 8 == 0 ? std::string("bad\n") : "fuzz");
+        const uint8_t choice = in.Byte();
+        request.set_app_name(choice % 8 == 0 ? std::string("bad\n") : "fuzz");
+        const std::string key = kKeys[(choice >> 3) % 5];
         v1::InitializeResponse response;
-        const absl::Status status = core_->Initialize({}, request, &response);
-        if (request.app_name() == "fuzz") {
-          Expect(status, "OK", "Initialize");
-          app = ModelApp();
-          app.alive = true;
-          app.token = response.app_token();
-        } else {
-          Expect(status, "LINEERR_INVALAPPNAME", "Initialize");
+        const absl::Status status = core_->Initialize(Credentials(key), request, &response);
+        int tenant = -1;
+        if (tenants_) {
+          if (key == "key-0" || (key == "key-0b" && Config().key_0b_present)) {
+            tenant = 0;
+          } else if (key == "key-1" && Config().t1_present) {
+            tenant = 1;
+          } else if (key == "key-p") {
+            return Expect(status, "LINEERR_OPERATIONUNAVAIL", "Initialize (provider only)");
+          } else {
+            return Expect(status, unauth, "Initialize");
+          }
         }
+        if (request.app_name() != "fuzz") {
+          return Expect(status, "LINEERR_INVALAPPNAME", "Initialize");
+        }
+        if (tenant == 1 && Config().t1_max_apps != 0) {
+          size_t live = 0;
+          for (const ModelApp& other : model_.apps) live += other.alive && other.tenant == 1;
+          if (live >= Config().t1_max_apps) {
+            return Expect(status, "LINEERR_RESOURCEUNAVAIL", "Initialize (tenant max_apps)");
+          }
+        }
+        Expect(status, "OK", "Initialize");
+        app = ModelApp();
+        app.alive = true;
+        app.token = response.app_token();
+        app.tenant = tenant;
+        app.key = key;
         return;
       }
       case 1: {  // LineOpen
@@ -406,12 +564,18 @@ class Harness {
         const absl::Status status = core_->LineOpen(token, request, &response);
         if (!alive) return Expect(status, unauth, "LineOpen");
         if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "LineOpen");
+        const uint8_t rights = RightsOf(a, device);
+        if (rights == 0) return Expect(status, "LINEERR_BADDEVICEID", "LineOpen (not its)");
         if (bad) return Expect(status, "LINEERR_INVALPRIVSELECT", "LineOpen");
-        if (model_.LinesOf(a) >= kMaxLines)
+        const uint8_t needed = owner || monitor ? (owner ? 2 : 0) | (monitor ? 4 : 0) : 1;
+        if ((needed & ~rights) != 0) {
+          return Expect(status, "LINEERR_OPERATIONUNAVAIL", "LineOpen (a right it lacks)");
+        }
+        if (model_.LinesOf(a) >= LineLimit(a))
           return Expect(status, "LINEERR_RESOURCEUNAVAIL", "LineOpen");
         Expect(status, "OK", "LineOpen");
         model_.lines[response.line_handle()] =
-            ModelLine{a, device, owner, monitor, model_.next_order++};
+            ModelLine{a, device, owner, monitor, model_.next_order++, rights};
         return;
       }
       case 2: {  // LineClose
@@ -460,7 +624,8 @@ class Harness {
         if (dest.empty()) return Expect(status, "LINEERR_INVALADDRESS", "MakeCall");
         const ModelLine* own = model_.OwnLine(line, a);
         if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "MakeCall");
-        if (model_.HandlesOf(a) >= kMaxHandles) {
+        if ((own->rights & 1) == 0) return Expect(status, "LINEERR_OPERATIONUNAVAIL", "MakeCall");
+        if (model_.HandlesOf(a) >= HandleLimit(a)) {
           return Expect(status, "LINEERR_RESOURCEUNAVAIL", "MakeCall");
         }
         Expect(status, "OK", "MakeCall");
@@ -505,6 +670,9 @@ class Harness {
         if (!alive) return Expect(status, unauth, "GetNewCalls");
         const ModelLine* own = model_.OwnLine(line, a);
         if (own == nullptr) return Expect(status, "LINEERR_INVALLINEHANDLE", "GetNewCalls");
+        if ((own->rights & 4) == 0) {
+          return Expect(status, "LINEERR_OPERATIONUNAVAIL", "GetNewCalls");
+        }
         std::vector<uint64_t> candidates;
         for (const auto& [id, call] : model_.calls) {
           if (call.device == own->device && call.state != v1::CALL_STATE_IDLE &&
@@ -512,7 +680,7 @@ class Harness {
             candidates.push_back(id);
           }
         }
-        if (model_.HandlesOf(a) + candidates.size() > kMaxHandles) {
+        if (model_.HandlesOf(a) + candidates.size() > HandleLimit(a)) {
           return Expect(status, "LINEERR_RESOURCEUNAVAIL", "GetNewCalls");
         }
         Expect(status, "OK", "GetNewCalls");
@@ -531,19 +699,25 @@ class Harness {
         return;
       }
       case 10: {  // provider OfferCall
-        const uint32_t device = in.Byte() % (kDevices + 1);
+        const uint8_t choice = in.Byte();
+        const uint32_t device = choice % (kDevices + 1);
+        const int provider = (choice >> 4) % 3;
         v1::OfferCallRequest request;
         request.set_device_id(device);
         request.set_caller_id("555");
         v1::OfferCallResponse response;
-        const absl::Status status = core_->OfferCall(kProvider, request, &response);
+        const absl::Status status = core_->OfferCall(ProviderCredential(provider), request, &response);
+        if (!ProviderAccepted(provider)) return Expect(status, unauth, "OfferCall");
+        if (!ProviderCovers(provider, device)) {
+          return Expect(status, "LINEERR_BADDEVICEID", "OfferCall (not its device)");
+        }
         if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "OfferCall");
         Expect(status, "OK", "OfferCall");
         ModelCall& call = model_.calls[response.call_id()];
         call.device = device;
         for (uint64_t line_handle : model_.LinesOn(device, true)) {
           const ModelLine& line = model_.lines.at(line_handle);
-          if (model_.HandlesOf(line.app) >= kMaxHandles) continue;
+          if (model_.HandlesOf(line.app) >= HandleLimit(line.app)) continue;
           AddPending(response.call_id(), line.app, line_handle, true);
           model_.Event(line.app);
           break;
@@ -554,15 +728,19 @@ class Harness {
       }
       case 11: {  // provider SetCallState
         const uint64_t call_id = PickCallId(in);
-        const int state = in.Byte() % 18;  // 0 and 17 are invalid
+        const uint8_t choice = in.Byte();
+        const int state = choice % 18;  // 0 and 17 are invalid
+        const int provider = (choice >> 5) % 3;
         v1::SetCallStateRequest request;
         request.set_call_id(call_id);
         request.set_call_state(static_cast<v1::CallState>(state));
         v1::SetCallStateResponse response;
-        const absl::Status status = core_->SetCallState(kProvider, request, &response);
+        const absl::Status status =
+            core_->SetCallState(ProviderCredential(provider), request, &response);
+        if (!ProviderAccepted(provider)) return Expect(status, unauth, "SetCallState");
         if (state == 0 || state == 17) return Expect(status, "LINEERR_INVALPARAM", "SetCallState");
         auto it = model_.calls.find(call_id);
-        if (it == model_.calls.end())
+        if (it == model_.calls.end() || !ProviderCovers(provider, it->second.device))
           return Expect(status, "LINEERR_INVALCALLHANDLE", "SetCallState");
         if (it->second.state == v1::CALL_STATE_IDLE) {
           return Expect(status, "LINEERR_INVALCALLSTATE", "SetCallState");
@@ -574,12 +752,18 @@ class Harness {
         return;
       }
       case 12: {  // provider ForceLineClose
-        const uint32_t device = in.Byte() % (kDevices + 1);
+        const uint8_t choice = in.Byte();
+        const uint32_t device = choice % (kDevices + 1);
+        const int provider = (choice >> 4) % 3;
         v1::ForceLineCloseRequest request;
         request.set_device_id(device);
         v1::ForceLineCloseResponse response;
-        const absl::Status status = core_->ForceLineClose(kProvider, request, &response);
-        if (device >= kDevices) return Expect(status, "LINEERR_BADDEVICEID", "ForceLineClose");
+        const absl::Status status =
+            core_->ForceLineClose(ProviderCredential(provider), request, &response);
+        if (!ProviderAccepted(provider)) return Expect(status, unauth, "ForceLineClose");
+        if (!ProviderCovers(provider, device) || device >= kDevices) {
+          return Expect(status, "LINEERR_BADDEVICEID", "ForceLineClose");
+        }
         Expect(status, "OK", "ForceLineClose");
         std::vector<std::pair<uint64_t, uint64_t>> on_device;  // order, handle
         for (const auto& [h, line] : model_.lines) {
@@ -611,6 +795,51 @@ class Harness {
         v1::KeepAliveResponse response;
         const absl::Status status = core_->KeepAlive(token, {}, &response);
         return Expect(status, alive ? "OK" : unauth, "KeepAlive");
+      }
+      case 15: {  // another tenants configuration is put in force
+        if (!tenants_) return;
+        config_ = in.Byte() % kConfigCount;
+        const TenantsApplied applied = core_->SetTenants(Directory(config_));
+        size_t shut_down = 0;
+        for (int i = 0; i < kApps; ++i) {
+          const ModelApp& other = model_.apps[i];
+          if (!other.alive) continue;
+          const bool kept = other.tenant == 0 ? other.key == "key-0" || Config().key_0b_present
+                                              : Config().t1_present;
+          if (!kept) {
+            ShutDownInModel(i);
+            ++shut_down;
+          }
+        }
+        size_t closed = 0;
+        std::vector<uint64_t> revoked;
+        for (const auto& [h, line] : model_.lines) {
+          if ((line.rights & ~RightsOf(line.app, line.device)) != 0) revoked.push_back(h);
+        }
+        for (uint64_t h : revoked) {
+          const int owner_app = model_.lines.at(h).app;
+          model_.CloseLine(h);
+          model_.Event(owner_app);  // LineCloseEvent
+          ++closed;
+        }
+        CHECK_THAT(applied.apps_shut_down == shut_down && applied.lines_closed == closed,
+                   "SetTenants: core shut down ", applied.apps_shut_down, " apps and closed ",
+                   applied.lines_closed, " lines; model ", shut_down, " and ", closed);
+        // Which of an app's handles went first (its line, or the call's
+        // owner) depends on the order the core visits apps in, and with it
+        // whether the app was told of a drop: the states are the same, the
+        // event counts are taken from the core (once durable: ListCalls
+        // resumes from the first event a crash could take back).
+        WaitUntilDurable();
+        for (ModelApp& other : model_.apps) {
+          if (!other.alive) continue;
+          v1::ListCallsRequest list;
+          list.set_page_size(1);
+          v1::ListCallsResponse listed;
+          CHECK_THAT(core_->ListCalls(other.token, list, &listed).ok(), "ListCalls");
+          other.events = listed.resume_sequence() - 1;
+        }
+        return;
       }
     }
   }
@@ -728,6 +957,36 @@ class Harness {
         }
       }
     }
+    // Isolation, whatever the model says: each handle an app holds is on a
+    // device its tenant may see now, with the right its privilege needs;
+    // and no app reaches another's handles.
+    for (int a = 0; a < kApps; ++a) {
+      if (!model_.apps[a].alive) continue;
+      v1::ListCallsResponse listed;
+      v1::ListCallsRequest all;
+      all.set_page_size(1000);
+      CHECK_THAT(core_->ListCalls(model_.apps[a].token, all, &listed).ok(), "ListCalls");
+      for (const v1::CallHandleEntry& entry : listed.calls()) {
+        const uint8_t rights = RightsOf(a, entry.info().line_device_id());
+        const uint8_t needed = entry.status().call_privilege() == v1::CALL_PRIVILEGE_MONITOR ? 4
+                               : entry.info().origin() == v1::CALL_ORIGIN_INBOUND     ? 2
+                                                                                        : 1;
+        CHECK_THAT((rights & needed) != 0, "isolation: app ", a, " (tenant ",
+                   model_.apps[a].tenant, ") holds handle ", entry.call_handle(), " on device ",
+                   entry.info().line_device_id(), " where its rights are ", int{rights});
+      }
+      for (const auto& [id, call] : model_.calls) {
+        for (const auto& [h, holder] : call.holders) {
+          if (holder.app == a || h >= kPlaceholderBase) continue;
+          v1::GetCallInfoRequest request;
+          request.set_call_handle(h);
+          v1::GetCallInfoResponse response;
+          const absl::Status status = core_->GetCallInfo(model_.apps[a].token, request, &response);
+          CHECK_THAT(TapiErrorName(status) == "LINEERR_INVALCALLHANDLE", "app ", a,
+                     " reached app ", holder.app, "'s handle ", h, ": ", status.ToString());
+        }
+      }
+    }
     // Void handles stay void, for everyone.
     for (uint64_t h : model_.void_handles) {
       for (int a = 0; a < kApps; ++a) {
@@ -764,6 +1023,9 @@ class Harness {
   CoreStats carried_;
   Model model_;
   absl::Time last_activity_[kApps];
+  // Tenants on (else open mode), and which of kConfigs is in force.
+  const bool tenants_;
+  int config_ = 0;
 };
 
 }  // namespace
@@ -776,7 +1038,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }();
   (void)quiet;
   callsession::Input input(data, size);
-  callsession::Harness harness;
+  callsession::Harness harness(/*tenants=*/(input.Byte() & 1) != 0);
   harness.Run(input);
   return 0;
 }
