@@ -37,6 +37,14 @@ for (const argument of process.argv.slice(2)) {
       fail(where, `no schema for ${object.apiVersion} ${object.kind}`);
       continue;
     }
+    if (object.kind === 'Secret' && object.data) {
+      // kustomize wraps long base64 values over lines; the API server's
+      // decoder (Go's encoding/base64) skips the newlines, the schema's
+      // "byte" format does not.
+      for (const key of Object.keys(object.data)) {
+        object.data[key] = object.data[key].replace(/\s+/g, '');
+      }
+    }
     try {
       new Model(object).validate();
     } catch (error) {
@@ -90,6 +98,26 @@ for (const argument of process.argv.slice(2)) {
     check(at, mount, `CALLSESSION_DATA_DIR ${dataDir} must be inside a claimed volume's mount`);
     check(at, env.CALLSESSION_STORE === undefined || env.CALLSESSION_STORE.value === 'rocksdb',
           'the durable store');
+    // The tenants file from a Secret mounted as a directory: a subPath
+    // mount would never see the Secret's updates (no reload).
+    const tenantsFile = env.CALLSESSION_TENANTS_FILE?.value ?? '';
+    check(at, tenantsFile, 'CALLSESSION_TENANTS_FILE set (open mode is for development only)');
+    const volumes = Object.fromEntries((pod.volumes ?? []).map((v) => [v.name, v]));
+    const tenantsMount = (container.volumeMounts ?? []).find(
+      (m) => tenantsFile.startsWith(`${m.mountPath}/`));
+    check(at, tenantsMount && volumes[tenantsMount.name]?.secret,
+          `CALLSESSION_TENANTS_FILE ${tenantsFile} must be inside a Secret volume's mount`);
+    if (tenantsMount) {
+      check(at, !tenantsMount.subPath, 'the tenants Secret mounted without subPath (updates)');
+      check(at, tenantsMount.readOnly === true, 'the tenants Secret mounted read-only');
+      const tenantsSecret = volumes[tenantsMount.name]?.secret?.secretName;
+      const rendered = (byKind.Secret ?? []).find((s) => s.metadata.name === tenantsSecret);
+      if ((byKind.Secret ?? []).length) {
+        const key = tenantsFile.slice(tenantsMount.mountPath.length + 1);
+        check(at, rendered?.data?.[key] ?? rendered?.stringData?.[key],
+              `Secret ${tenantsSecret} rendered with key ${key}`);
+      }
+    }
     const secretName = env.CALLSESSION_PROVIDER_TOKEN?.valueFrom?.secretKeyRef?.name;
     check(at, secretName, 'provider token from a Secret');
     const generated = (byKind.Secret ?? []).map((s) => s.metadata.name);

@@ -241,5 +241,20 @@ TEST(TenantsTest, LoadNamesTheFile) {
   EXPECT_THAT(TenantDirectory::Load(path, kDevices), IsOk());
 }
 
+// The dev overlay's example is a good file for the base's 16 devices, and
+// its documented keys work.
+TEST(TenantsTest, TheDeployedExampleIsValid) {
+  const std::string path =
+      absl::StrCat(CALLSESSION_SOURCE_DIR, "/deploy/k8s/overlays/dev/tenants.textproto");
+  absl::StatusOr<std::shared_ptr<const TenantDirectory>> example = TenantDirectory::Load(path, 16);
+  ASSERT_THAT(example, IsOk());
+  AuthFailure failure;
+  for (const char* key : {"dev-dialer-key", "dev-supervisor-key", "dev-switch-key"}) {
+    EXPECT_THAT((*example)->Identify(Credentials(key), &failure), IsOk()) << key;
+  }
+  EXPECT_TRUE((*example)->Find("dev-switch")->is_provider());
+  EXPECT_EQ((*example)->Find("dev-supervisor")->RightsOn(15), kRightMonitor);
+}
+
 }  // namespace
 }  // namespace callsession
