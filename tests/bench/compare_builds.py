@@ -87,11 +87,15 @@ def lifecycle(binary, extra):
 
 
 new_flags = ["--store=memory"]
+# An old build that has --store runs on the memory store too (not in a
+# callsession-data directory of the working directory).
+old_help = subprocess.run([OLD, "--help"], capture_output=True, text=True).stdout
+old_flags = new_flags if "--store" in old_help else []
 for name, measure in (("h2load GetCallInfo requests/s", h2load),
                       ("loadgen lifecycles/s", lifecycle)):
     old, new = [], []
     for _ in range(PAIRS):
-        old.append(measure(OLD, []))
+        old.append(measure(OLD, old_flags))
         new.append(measure(NEW, new_flags))
     ratios = [n / o for n, o in zip(new, old)]
     print(f"{name}: new {statistics.median(new):,.0f}, old {statistics.median(old):,.0f}, "

@@ -27,6 +27,7 @@ Writes OUT_DIR/results.json and OUT_DIR/BENCHMARKS-tables.md. Every figure is
 the median of the repetitions shown. The machine is shared and noisy: compare
 the ratios, which are measured in the same run.
 """
+import hashlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ import time
 BUILD, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
-            ["micro", "transport", "loadgen", "memory", "durability"])
+            ["micro", "transport", "loadgen", "memory", "durability", "tenants"])
 REPEATS = 1 if QUICK else 3
 TOKEN = "bench-provider-token"
 H2_CONNECTIONS, H2_STREAMS = 4, 16  # 64 requests in flight
@@ -53,7 +54,7 @@ RECOVERY_CALLS = 100_000 if QUICK else 1_000_000
 
 os.makedirs(OUT, exist_ok=True)
 results = {"machine": {}, "microbenchmarks": {}, "h2load": {}, "redis": {}, "loadgen": {},
-           "memory": {}, "durability": {}, "targets": {}}
+           "memory": {}, "durability": {}, "tenants": {}, "targets": {}}
 
 
 def log(message):
@@ -113,11 +114,12 @@ def run(argv, **kwargs):
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
 
 
-def callctl(port, *args, token=""):
+def callctl(port, *args, token="", api_key=""):
     argv = [f"{BUILD}/client/callctl", f"--server=127.0.0.1:{port}"]
     if token:
         argv.append(f"--token={token}")
-    return json.loads(run(argv + list(args)).stdout)
+    env = dict(os.environ, CALLSESSION_API_KEY=api_key) if api_key else None
+    return json.loads(run(argv + list(args), env=env).stdout)
 
 
 # --- 1. microbenchmarks ----------------------------------------------------
@@ -189,8 +191,8 @@ def h2load_pairs(ours_port, base_port, token, call_handle):
     return statistics.median(ours), statistics.median(base), statistics.median(ratios)
 
 
-def live_handle(port):
-    init = callctl(port, "init", "bench")
+def live_handle(port, api_key=""):
+    init = callctl(port, "init", "bench", api_key=api_key)
     token = init["app_token"]
     line = callctl(port, "line-open", "0", token=token)["line_handle"]
     call = callctl(port, "make-call", line, "+15550100", token=token)
@@ -483,6 +485,56 @@ def durability():
     run(["rm", "-rf", data])
 
 
+# --- 6. tenants --------------------------------------------------------------
+
+TENANTS = 1000
+
+
+def tenants_file(path, devices=16):
+    """TENANTS tenants, each with a key, a client identity, two device
+    grants and quotas; tenant-0000's key is "bench-key-0000"."""
+    with open(path, "w") as f:
+        for i in range(TENANTS):
+            key = hashlib.sha256(f"bench-key-{i:04d}".encode()).hexdigest()
+            first = i % devices
+            f.write(f'tenants {{\n  name: "tenant-{i:04d}"\n  api_key_sha256: "{key}"\n'
+                    f'  client_identities {{ uri: "spiffe://bench.example/tenant-{i:04d}" }}\n'
+                    f'  devices {{ first: {first} last: {first} privileges: '
+                    f'[DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER] }}\n'
+                    f'  devices {{ first: {(first + 1) % devices} last: {(first + 1) % devices} '
+                    f'privileges: DEVICE_PRIVILEGE_MONITOR }}\n'
+                    f'  quotas {{ max_apps: 100 }}\n}}\n')
+
+
+def tenants():
+    """GetCallInfo under h2load with a 1000-tenant file against open mode
+    (no file), alternating fresh servers (memory store)."""
+    t = results["tenants"]
+    path = os.path.join(OUT, "tenants-bench.textproto")
+    tenants_file(path)
+    log(f"h2load GetCallInfo: {TENANTS}-tenant file vs open mode, alternating")
+    with tempfile.NamedTemporaryFile(delete=False, suffix=".bin") as f:
+        body = f.name
+    ours, base = [], []
+    for _ in range(max(REPEATS, 5) if not QUICK else 1):
+        for extra, key, rates in (([f"--tenants_file={path}"], "bench-key-0000", ours),
+                                  ([], "", base)):
+            server = callsessiond(extra)
+            try:
+                token, handle = live_handle(server.port, api_key=key)
+                with open(body, "wb") as out:
+                    out.write(grpc_frame(handle))
+                rates.append(h2load_once(server.port, token, body))
+            finally:
+                server.stop()
+    os.unlink(body)
+    t.update({"tenants": TENANTS, "tenants_rps": statistics.median(ours),
+              "open_mode_rps": statistics.median(base),
+              "ratio": statistics.median(o / b for o, b in zip(ours, base)),
+              "runs": {"tenants": ours, "open_mode": base}})
+    log(f"tenants: {t}")
+
+
 def targets():
     t = {}
     if not results["h2load"]:
@@ -518,6 +570,9 @@ def targets():
 
 
 def durability_targets(t):
+    if results["tenants"]:
+        t[f"GetCallInfo with a {TENANTS}-tenant file vs none >= 0.97"] = \
+            results["tenants"]["ratio"]
     d = results["durability"]
     if d:
         t["GetCallInfo RocksDB store vs memory store >= 0.95"] = d["get_call_info"]["ratio"]
@@ -631,6 +686,13 @@ def durability_and_targets(r, lines):
                   f"| {mib(rec['data_dir_bytes_live'])} | {mib(rec['data_dir_bytes_after_drain'])} "
                   f"| {mib(rec['data_dir_bytes_10s_after_drain'])} | "
                   f"{mib(rec['data_dir_bytes_after_stop'])} |"]
+    tn = r["tenants"]
+    if tn:
+        lines += ["", "### Tenants", "",
+                  f"GetCallInfo under h2load with a {tn['tenants']:,}-tenant file: "
+                  f"{tn['tenants_rps']:,.0f} req/s; in open mode (no file) "
+                  f"{tn['open_mode_rps']:,.0f} req/s; ratio {tn['ratio']:.2f} (median of "
+                  "alternating pairs of fresh servers)."]
     lines += ["", "### Targets", "", "| target | measured |", "|---|---:|"]
     for name, value in r["targets"].items():
         lines.append(f"| {name} | {value:,.2f} |")
@@ -642,7 +704,7 @@ def main():
     results["quick"] = QUICK
     for section, run_section in (("micro", microbenchmarks), ("transport", transport_and_redis),
                                  ("loadgen", loadgen_scenarios), ("memory", memory),
-                                 ("durability", durability)):
+                                 ("durability", durability), ("tenants", tenants)):
         if section in ONLY:
             run_section()
     targets()
