@@ -58,17 +58,43 @@ for (const argument of process.argv.slice(2)) {
     check(overlay, byKind[kind]?.length, `no ${kind}`);
   }
   check(overlay, !byKind.Deployment, 'the store needs a StatefulSet, not a Deployment');
-  const deployment = byKind.StatefulSet?.[0];
+  const deployment = (byKind.StatefulSet ?? []).find((s) => s.metadata.name === 'callsession');
+  check(overlay, deployment, 'no StatefulSet callsession');
   if (!deployment) continue;
   const where = `${overlay} StatefulSet`;
   const pod = deployment.spec.template.spec;
-  check(where, deployment.spec.replicas === 1, 'one process per store: exactly one replica');
+  const storeOf = (container) =>
+    (container.env ?? []).find((e) => e.name === 'CALLSESSION_STORE')?.value ?? 'rocksdb';
+  // The replicated store (High availability): replicas on etcd, no volume.
+  const replicated = pod.containers.some((c) => storeOf(c) === 'etcd');
   const governing = (byKind.Service ?? []).find((s) => s.metadata.name === deployment.spec.serviceName);
   check(where, governing?.spec?.clusterIP === 'None',
         `serviceName ${deployment.spec.serviceName} must be a rendered headless Service`);
   const claims = Object.fromEntries(
     (deployment.spec.volumeClaimTemplates ?? []).map((c) => [c.metadata.name, c]));
-  check(where, Object.keys(claims).length > 0, 'a volumeClaimTemplate for the store');
+  if (replicated) {
+    check(where, deployment.spec.replicas >= 3, 'a leader and at least two standbys');
+    check(where, deployment.spec.podManagementPolicy === 'Parallel',
+          'Parallel pod management (only the leader is ever ready)');
+    const antiAffinity = pod.affinity?.podAntiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? [];
+    check(where, antiAffinity.some((term) => term.topologyKey === 'kubernetes.io/hostname'),
+          'required anti-affinity across nodes');
+    const budget = (byKind.PodDisruptionBudget ?? []).find((b) => b.metadata.name === 'callsession');
+    check(where, budget?.spec?.maxUnavailable === 1 &&
+          budget?.spec?.unhealthyPodEvictionPolicy === 'AlwaysAllow',
+          'a PodDisruptionBudget evicting one replica at a time, standbys (never ready) always');
+    const etcd = (byKind.StatefulSet ?? []).find((s) => s.metadata.name !== 'callsession');
+    if (etcd) {
+      check(`${overlay} StatefulSet ${etcd.metadata.name}`, etcd.spec.replicas === 3,
+            'a 3-member etcd');
+      const etcdArgs = etcd.spec.template.spec.containers.flatMap((c) => [...(c.command ?? []), ...(c.args ?? [])]);
+      check(`${overlay} StatefulSet ${etcd.metadata.name}`,
+            etcdArgs.some((a) => a.startsWith('--max-txn-ops=')), 'etcd --max-txn-ops set');
+    }
+  } else {
+    check(where, deployment.spec.replicas === 1, 'one process per store: exactly one replica');
+    check(where, Object.keys(claims).length > 0, 'a volumeClaimTemplate for the store');
+  }
   for (const claim of Object.values(claims)) {
     check(where, claim.spec?.accessModes?.includes('ReadWriteOnce'), 'a ReadWriteOnce volume');
     check(where, claim.spec?.resources?.requests?.storage, 'a storage request');
@@ -92,12 +118,32 @@ for (const argument of process.argv.slice(2)) {
           'resource requests');
     check(at, container.resources?.limits?.memory, 'memory limit');
     const env = Object.fromEntries((container.env ?? []).map((e) => [e.name, e]));
-    const dataDir = env.CALLSESSION_DATA_DIR?.value ?? '';
-    const mount = (container.volumeMounts ?? []).find(
-      (m) => claims[m.name] && dataDir.startsWith(`${m.mountPath}/`));
-    check(at, mount, `CALLSESSION_DATA_DIR ${dataDir} must be inside a claimed volume's mount`);
-    check(at, env.CALLSESSION_STORE === undefined || env.CALLSESSION_STORE.value === 'rocksdb',
-          'the durable store');
+    if (replicated) {
+      check(at, env.CALLSESSION_ETCD_ENDPOINTS?.value, 'CALLSESSION_ETCD_ENDPOINTS set');
+      check(at, env.POD_NAME?.valueFrom?.fieldRef?.fieldPath === 'metadata.name',
+            'POD_NAME from the downward API');
+      check(at, env.CALLSESSION_MEMBER_NAME?.value?.includes('$(POD_NAME)'),
+            'CALLSESSION_MEMBER_NAME from the pod name');
+      check(at, env.CALLSESSION_ADVERTISE_ADDRESS?.value?.includes('$(POD_NAME)') &&
+            env.CALLSESSION_ADVERTISE_ADDRESS.value.includes(deployment.spec.serviceName),
+            'CALLSESSION_ADVERTISE_ADDRESS: the pod\'s DNS name in the headless Service');
+      const names = (container.env ?? []).map((e) => e.name);
+      check(at, names.indexOf('POD_NAME') < names.indexOf('CALLSESSION_MEMBER_NAME') &&
+            names.indexOf('POD_NAME') < names.indexOf('CALLSESSION_ADVERTISE_ADDRESS'),
+            'POD_NAME defined before the variables that use it');
+      check(at, container.readinessProbe?.grpc?.service === 'callsession.v1.CallSessionService',
+            'readiness on the application service: only the leader is ready');
+      check(at, !container.livenessProbe?.grpc?.service,
+            'liveness on the overall status (standbys are alive, not ready)');
+      check(at, !env.CALLSESSION_DATA_DIR, 'no data directory with the etcd store');
+    } else {
+      const dataDir = env.CALLSESSION_DATA_DIR?.value ?? '';
+      const mount = (container.volumeMounts ?? []).find(
+        (m) => claims[m.name] && dataDir.startsWith(`${m.mountPath}/`));
+      check(at, mount, `CALLSESSION_DATA_DIR ${dataDir} must be inside a claimed volume's mount`);
+      check(at, env.CALLSESSION_STORE === undefined || env.CALLSESSION_STORE.value === 'rocksdb',
+            'the durable store');
+    }
     // The tenants file from a Secret mounted as a directory: a subPath
     // mount would never see the Secret's updates (no reload).
     const tenantsFile = env.CALLSESSION_TENANTS_FILE?.value ?? '';

@@ -30,7 +30,9 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 
-ABSL_FLAG(std::string, server, "127.0.0.1:50051", "HOST:PORT of callsessiond");
+ABSL_FLAG(std::string, server, "127.0.0.1:50051",
+          "HOST:PORT of callsessiond; with several, comma-separated (the replicas of an HA "
+          "deployment), calls follow the leader");
 ABSL_FLAG(std::string, token, "", "app token (default: $CALLSESSION_APP_TOKEN)");
 ABSL_FLAG(std::string, api_key, "",
           "the tenant's API key for init and demo, on a server with tenants (default: "
@@ -394,13 +396,21 @@ int main(int argc, char** argv) {
   if (!absl::GetFlag(FLAGS_tls_server_name).empty()) {
     channel_args.SetSslTargetNameOverride(absl::GetFlag(FLAGS_tls_server_name));
   }
-  auto channel = grpc::CreateCustomChannel(absl::GetFlag(FLAGS_server), *credentials, channel_args);
+  const std::vector<std::string> servers =
+      absl::StrSplit(absl::GetFlag(FLAGS_server), ',', absl::SkipWhitespace());
+  if (servers.empty()) return callsession::Usage("--server names no server");
+  auto channel = grpc::CreateCustomChannel(servers.front(), *credentials, channel_args);
+  const std::string provider_token =
+      callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token), "CALLSESSION_PROVIDER_TOKEN");
+  std::shared_ptr<callsession::Replicas> replicas;
+  if (servers.size() > 1) {
+    replicas = std::make_shared<callsession::Replicas>(servers, *credentials, channel_args);
+  }
   callsession::Context ctx{
-      callsession::CallSessionClient(channel, app_options),
-      callsession::ProviderClient(
-          channel,
-          callsession::FlagOrEnv(absl::GetFlag(FLAGS_provider_token), "CALLSESSION_PROVIDER_TOKEN"),
-          options),
+      replicas ? callsession::CallSessionClient(replicas, app_options)
+               : callsession::CallSessionClient(channel, app_options),
+      replicas ? callsession::ProviderClient(replicas, provider_token, options)
+               : callsession::ProviderClient(channel, provider_token, options),
       callsession::AdminClient(
           channel,
           callsession::FlagOrEnv(absl::GetFlag(FLAGS_admin_token), "CALLSESSION_ADMIN_TOKEN"),

@@ -6,9 +6,11 @@
 #include <utility>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
+#include "grpcpp/create_channel.h"
 #include "grpcpp/support/sync_stream.h"
 
 namespace callsession {
@@ -29,7 +31,99 @@ absl::StatusOr<Response> Invoke(
   return response;
 }
 
+// Whether a failed call certainly did nothing: a replica refused it as not
+// the leader, or it never reached a server.
+bool NotExecuted(const absl::Status& status) {
+  return TapiReason(status) == "NOT_LEADER" ||
+         absl::StrContains(status.message(), "failed to connect");
+}
+
+// Invoke on the replica believed to lead, moving on as Replicas says.
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> InvokeFollowing(Replicas& replicas,
+                                         std::unique_ptr<Stub> Replicas::Replica::*stub_of,
+                                         grpc::Status (Stub::*method)(grpc::ClientContext*,
+                                                                      const Request&, Response*),
+                                         const Request& request, const ClientOptions& options,
+                                         const std::string& token, bool retry_safe) {
+  const absl::Time give_up = absl::Now() + options.failover_timeout;
+  absl::Duration pause = absl::Milliseconds(20);
+  for (;;) {
+    Replicas::Replica& replica = replicas.Current();
+    absl::StatusOr<Response> result =
+        Invoke(*(replica.*stub_of), method, request, options.deadline, token);
+    if (result.ok()) return result;
+    // A replica that does not answer in time may be paused or cut off: the
+    // next call tries another (which names the leader if it is not one).
+    const bool unreachable =
+        absl::IsUnavailable(result.status()) || absl::IsDeadlineExceeded(result.status());
+    if (!unreachable) return result;
+    const std::string leader = LeaderHint(result.status());
+    replicas.MoveOn(replica, leader);
+    if (!retry_safe && !NotExecuted(result.status())) return result;
+    if (absl::Now() >= give_up) return result;
+    if (leader.empty() || leader == replica.target) {
+      // No leader yet (a takeover under way): wait a little, longer each time.
+      absl::SleepFor(pause);
+      pause = std::min(pause * 2, absl::Milliseconds(200));
+    }
+  }
+}
+
 }  // namespace
+
+std::string LeaderHint(const absl::Status& status) {
+  auto payload = status.GetPayload(kErrorInfoTypeUrl);
+  if (!payload.has_value()) return "";
+  google::rpc::ErrorInfo info;
+  if (!info.ParseFromString(std::string(*payload)) || info.reason() != "NOT_LEADER") return "";
+  auto leader = info.metadata().find("leader");
+  return leader == info.metadata().end() ? "" : leader->second;
+}
+
+Replicas::Replicas(std::vector<std::string> targets,
+                   std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   const grpc::ChannelArguments& args)
+    : credentials_(std::move(credentials)), args_(args) {
+  absl::MutexLock lock(&mu_);
+  for (const std::string& target : targets) AddLocked(target);
+}
+
+Replicas::Replica& Replicas::AddLocked(const std::string& target) {
+  for (auto& replica : replicas_) {
+    if (replica->target == target) return *replica;
+  }
+  auto replica = std::make_unique<Replica>();
+  replica->target = target;
+  grpc::ChannelArguments args = args_;
+  // A replica that was down is tried again soon after it comes back.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  replica->channel = grpc::CreateCustomChannel(target, credentials_, args);
+  replica->app = v1::CallSessionService::NewStub(replica->channel);
+  replica->provider = v1::ProviderService::NewStub(replica->channel);
+  replicas_.push_back(std::move(replica));
+  return *replicas_.back();
+}
+
+Replicas::Replica& Replicas::Current() {
+  absl::MutexLock lock(&mu_);
+  return *replicas_[current_];
+}
+
+void Replicas::MoveOn(const Replica& failed, const std::string& leader) {
+  absl::MutexLock lock(&mu_);
+  if (replicas_[current_].get() != &failed) return;  // another thread moved on
+  if (!leader.empty() && leader != failed.target) {
+    Replica& named = AddLocked(leader);
+    for (size_t i = 0; i < replicas_.size(); ++i) {
+      if (replicas_[i].get() == &named) current_ = i;
+    }
+    return;
+  }
+  current_ = (current_ + 1) % replicas_.size();
+}
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
@@ -150,19 +244,30 @@ CallSessionClient::CallSessionClient(std::shared_ptr<grpc::ChannelInterface> cha
                                      ClientOptions options)
     : options_(options), stub_(v1::CallSessionService::NewStub(channel)) {}
 
+CallSessionClient::CallSessionClient(std::shared_ptr<Replicas> replicas, ClientOptions options)
+    : options_(options), replicas_(std::move(replicas)) {}
+
+template <typename Request, typename Response>
+absl::StatusOr<Response> CallSessionClient::Call(
+    grpc::Status (v1::CallSessionService::Stub::*method)(grpc::ClientContext*, const Request&,
+                                                         Response*),
+    const Request& request, const std::string& token, bool retry_safe) {
+  if (replicas_ == nullptr) return Invoke(*stub_, method, request, options_.deadline, token);
+  return InvokeFollowing(*replicas_, &Replicas::Replica::app, method, request, options_, token,
+                         retry_safe);
+}
+
 absl::StatusOr<v1::InitializeResponse> CallSessionClient::Initialize(absl::string_view app_name) {
   v1::InitializeRequest request;
   request.set_app_name(std::string(app_name));
   absl::StatusOr<v1::InitializeResponse> response =
-      Invoke(*stub_, &v1::CallSessionService::Stub::Initialize, request, options_.deadline,
-             options_.api_key);
+      Call(&v1::CallSessionService::Stub::Initialize, request, options_.api_key, false);
   if (response.ok()) token_ = response->app_token();
   return response;
 }
 
 absl::Status CallSessionClient::Shutdown() {
-  return Invoke(*stub_, &v1::CallSessionService::Stub::Shutdown, v1::ShutdownRequest(),
-                options_.deadline, token_)
+  return Call(&v1::CallSessionService::Stub::Shutdown, v1::ShutdownRequest(), token_, false)
       .status();
 }
 
@@ -172,7 +277,7 @@ absl::StatusOr<uint64_t> CallSessionClient::LineOpen(
   request.set_device_id(device_id);
   for (v1::CallPrivilege privilege : privileges) request.add_privileges(privilege);
   absl::StatusOr<v1::LineOpenResponse> response =
-      Invoke(*stub_, &v1::CallSessionService::Stub::LineOpen, request, options_.deadline, token_);
+      Call(&v1::CallSessionService::Stub::LineOpen, request, token_, false);
   if (!response.ok()) return response.status();
   return response->line_handle();
 }
@@ -180,9 +285,7 @@ absl::StatusOr<uint64_t> CallSessionClient::LineOpen(
 absl::Status CallSessionClient::LineClose(uint64_t line_handle) {
   v1::LineCloseRequest request;
   request.set_line_handle(line_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::LineClose, request, options_.deadline,
-                token_)
-      .status();
+  return Call(&v1::CallSessionService::Stub::LineClose, request, token_, false).status();
 }
 
 absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(uint64_t line_handle,
@@ -192,29 +295,27 @@ absl::StatusOr<v1::MakeCallResponse> CallSessionClient::MakeCall(uint64_t line_h
   request.set_line_handle(line_handle);
   request.set_dest_address(std::string(dest_address));
   request.set_request_id(std::string(request_id));
-  return Invoke(*stub_, &v1::CallSessionService::Stub::MakeCall, request, options_.deadline,
-                token_);
+  return Call(&v1::CallSessionService::Stub::MakeCall, request, token_,
+              !request.request_id().empty());
 }
 
 absl::Status CallSessionClient::Answer(uint64_t call_handle) {
   v1::AnswerRequest request;
   request.set_call_handle(call_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::Answer, request, options_.deadline, token_)
-      .status();
+  return Call(&v1::CallSessionService::Stub::Answer, request, token_, false).status();
 }
 
 absl::Status CallSessionClient::Drop(uint64_t call_handle) {
   v1::DropRequest request;
   request.set_call_handle(call_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::Drop, request, options_.deadline, token_)
-      .status();
+  return Call(&v1::CallSessionService::Stub::Drop, request, token_, false).status();
 }
 
 absl::StatusOr<v1::CallInfo> CallSessionClient::GetCallInfo(uint64_t call_handle) {
   v1::GetCallInfoRequest request;
   request.set_call_handle(call_handle);
-  absl::StatusOr<v1::GetCallInfoResponse> response = Invoke(
-      *stub_, &v1::CallSessionService::Stub::GetCallInfo, request, options_.deadline, token_);
+  absl::StatusOr<v1::GetCallInfoResponse> response =
+      Call(&v1::CallSessionService::Stub::GetCallInfo, request, token_, true);
   if (!response.ok()) return response.status();
   return std::move(*response->mutable_info());
 }
@@ -222,8 +323,8 @@ absl::StatusOr<v1::CallInfo> CallSessionClient::GetCallInfo(uint64_t call_handle
 absl::StatusOr<v1::CallStatus> CallSessionClient::GetCallStatus(uint64_t call_handle) {
   v1::GetCallStatusRequest request;
   request.set_call_handle(call_handle);
-  absl::StatusOr<v1::GetCallStatusResponse> response = Invoke(
-      *stub_, &v1::CallSessionService::Stub::GetCallStatus, request, options_.deadline, token_);
+  absl::StatusOr<v1::GetCallStatusResponse> response =
+      Call(&v1::CallSessionService::Stub::GetCallStatus, request, token_, true);
   if (!response.ok()) return response.status();
   return std::move(*response->mutable_status());
 }
@@ -231,16 +332,14 @@ absl::StatusOr<v1::CallStatus> CallSessionClient::GetCallStatus(uint64_t call_ha
 absl::Status CallSessionClient::DeallocateCall(uint64_t call_handle) {
   v1::DeallocateCallRequest request;
   request.set_call_handle(call_handle);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::DeallocateCall, request, options_.deadline,
-                token_)
-      .status();
+  return Call(&v1::CallSessionService::Stub::DeallocateCall, request, token_, false).status();
 }
 
 absl::StatusOr<std::vector<uint64_t>> CallSessionClient::GetNewCalls(uint64_t line_handle) {
   v1::GetNewCallsRequest request;
   request.set_line_handle(line_handle);
-  absl::StatusOr<v1::GetNewCallsResponse> response = Invoke(
-      *stub_, &v1::CallSessionService::Stub::GetNewCalls, request, options_.deadline, token_);
+  absl::StatusOr<v1::GetNewCallsResponse> response =
+      Call(&v1::CallSessionService::Stub::GetNewCalls, request, token_, false);
   if (!response.ok()) return response.status();
   return std::vector<uint64_t>(response->call_handles().begin(), response->call_handles().end());
 }
@@ -250,8 +349,7 @@ absl::StatusOr<v1::ListCallsResponse> CallSessionClient::ListCalls(absl::string_
   v1::ListCallsRequest request;
   request.set_page_token(std::string(page_token));
   request.set_page_size(page_size);
-  return Invoke(*stub_, &v1::CallSessionService::Stub::ListCalls, request, options_.deadline,
-                token_);
+  return Call(&v1::CallSessionService::Stub::ListCalls, request, token_, true);
 }
 
 absl::StatusOr<v1::ListCallsResponse> CallSessionClient::ListAllCalls() {
@@ -272,13 +370,12 @@ absl::StatusOr<v1::ListCallsResponse> CallSessionClient::ListAllCalls() {
 }
 
 absl::Status CallSessionClient::KeepAlive() {
-  return Invoke(*stub_, &v1::CallSessionService::Stub::KeepAlive, v1::KeepAliveRequest(),
-                options_.deadline, token_)
+  return Call(&v1::CallSessionService::Stub::KeepAlive, v1::KeepAliveRequest(), token_, true)
       .status();
 }
 
 std::unique_ptr<EventStream> CallSessionClient::WatchEvents(uint64_t from_sequence) {
-  return std::make_unique<EventStream>(stub_.get(), token_, from_sequence);
+  return std::make_unique<EventStream>(&stub(), token_, from_sequence);
 }
 
 // ---------------------------------------------------------------------------
@@ -297,6 +394,19 @@ absl::StatusOr<admin::v1::CreateCheckpointResponse> AdminClient::CreateCheckpoin
                 std::max(options_.deadline, absl::Minutes(1)), token_);
 }
 
+template <typename Request, typename Response>
+absl::StatusOr<Response> ProviderClient::Call(grpc::Status (v1::ProviderService::Stub::*method)(
+                                                  grpc::ClientContext*, const Request&, Response*),
+                                              const Request& request) {
+  if (replicas_ == nullptr) return Invoke(*stub_, method, request, options_.deadline, token_);
+  return InvokeFollowing(*replicas_, &Replicas::Replica::provider, method, request, options_,
+                         token_, /*retry_safe=*/false);
+}
+
+ProviderClient::ProviderClient(std::shared_ptr<Replicas> replicas, std::string provider_token,
+                               ClientOptions options)
+    : options_(options), replicas_(std::move(replicas)), token_(std::move(provider_token)) {}
+
 ProviderClient::ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel,
                                std::string provider_token, ClientOptions options)
     : options_(options),
@@ -310,7 +420,7 @@ absl::StatusOr<uint64_t> ProviderClient::OfferCall(uint32_t device_id, absl::str
   request.set_caller_id(std::string(caller_id));
   request.set_called_id(std::string(called_id));
   absl::StatusOr<v1::OfferCallResponse> response =
-      Invoke(*stub_, &v1::ProviderService::Stub::OfferCall, request, options_.deadline, token_);
+      Call(&v1::ProviderService::Stub::OfferCall, request);
   if (!response.ok()) return response.status();
   return response->call_id();
 }
@@ -319,17 +429,13 @@ absl::Status ProviderClient::SetCallState(uint64_t call_id, v1::CallState state)
   v1::SetCallStateRequest request;
   request.set_call_id(call_id);
   request.set_call_state(state);
-  return Invoke(*stub_, &v1::ProviderService::Stub::SetCallState, request, options_.deadline,
-                token_)
-      .status();
+  return Call(&v1::ProviderService::Stub::SetCallState, request).status();
 }
 
 absl::Status ProviderClient::ForceLineClose(uint32_t device_id) {
   v1::ForceLineCloseRequest request;
   request.set_device_id(device_id);
-  return Invoke(*stub_, &v1::ProviderService::Stub::ForceLineClose, request, options_.deadline,
-                token_)
-      .status();
+  return Call(&v1::ProviderService::Stub::ForceLineClose, request).status();
 }
 
 }  // namespace callsession

@@ -6,6 +6,20 @@
 // the TAPI error name from the google.rpc.ErrorInfo the server attached,
 // which is what callers should switch on (never the message text).
 //
+// High availability (--store=etcd): give a client the Replicas of the
+// deployment instead of one channel and it follows the leader. A call a
+// replica refused because it does not lead (UNAVAILABLE, reason NOT_LEADER:
+// it did nothing) goes to the leader it named, or the next replica; so
+// does a call that could not connect. A call cut off in flight (the leader
+// died after receiving it) or unanswered within its deadline (the leader
+// is paused or cut off) sends the next call to another replica, and is
+// retried only when repeating it is safe:
+// reads (GetCallInfo, GetCallStatus, ListCalls), KeepAlive, and MakeCall
+// with a request_id; otherwise its UNAVAILABLE comes back to the caller,
+// whose next call goes to the new leader. Retries stop after
+// ClientOptions::failover_timeout. An event stream ends with the old
+// leader: open a new one from the last sequence seen plus one.
+//
 // Thread-safety: a client may be used from several threads at once, except
 // that Initialize and set_token must not race with other calls.
 #ifndef CALLSESSION_CLIENT_CALLSESSION_CLIENT_H_
@@ -30,6 +44,7 @@
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
 #include "grpcpp/support/status.h"
 
 namespace callsession {
@@ -49,6 +64,46 @@ struct ClientOptions {
   // server with tenants; empty: none (open mode, or a client certificate
   // identifies the tenant). A secret: never log it.
   std::string api_key;
+  // Following the leader (Replicas): how long a call may keep trying
+  // replicas before its last error is returned.
+  absl::Duration failover_timeout = absl::Seconds(10);
+};
+
+// "leader" from a NOT_LEADER error's ErrorInfo: the host:port of the leader
+// the refusing replica knows of, or "".
+std::string LeaderHint(const absl::Status& status);
+
+// The replicas of a deployment with a leader: a channel to each, and the
+// one this client believes leads. Thread-safe; replicas are only added
+// (a leader named by another is added if it was not listed).
+class Replicas {
+ public:
+  struct Replica {
+    std::string target;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<v1::CallSessionService::Stub> app;
+    std::unique_ptr<v1::ProviderService::Stub> provider;
+  };
+
+  // `targets`: host:port of each replica (at least one). `args` apply to
+  // every channel (e.g. a TLS target name override).
+  Replicas(std::vector<std::string> targets, std::shared_ptr<grpc::ChannelCredentials> credentials,
+           const grpc::ChannelArguments& args = grpc::ChannelArguments());
+
+  // The replica believed to lead; it lives as long as this object.
+  Replica& Current();
+  // `failed` could not serve: use `leader` (a NOT_LEADER hint) if not
+  // empty, else the replica after `failed`.
+  void MoveOn(const Replica& failed, const std::string& leader);
+
+ private:
+  Replica& AddLocked(const std::string& target) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const std::shared_ptr<grpc::ChannelCredentials> credentials_;
+  const grpc::ChannelArguments args_;
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<Replica>> replicas_ ABSL_GUARDED_BY(mu_);
+  size_t current_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // The application's event stream. A thread reads the stream into a queue;
@@ -87,6 +142,8 @@ class CallSessionClient {
  public:
   explicit CallSessionClient(std::shared_ptr<grpc::ChannelInterface> channel,
                              ClientOptions options = {});
+  // Follows the leader among `replicas`.
+  explicit CallSessionClient(std::shared_ptr<Replicas> replicas, ClientOptions options = {});
 
   // Registers the application (with options().api_key, if set) and keeps
   // the returned token for later calls.
@@ -117,13 +174,20 @@ class CallSessionClient {
   absl::Status KeepAlive();
   std::unique_ptr<EventStream> WatchEvents(uint64_t from_sequence = 0);
 
-  // The raw stub, for calls this class does not wrap.
-  v1::CallSessionService::Stub& stub() { return *stub_; }
+  // The raw stub (of the replica believed to lead), for calls this class
+  // does not wrap.
+  v1::CallSessionService::Stub& stub() { return replicas_ ? *replicas_->Current().app : *stub_; }
   const ClientOptions& options() const { return options_; }
 
  private:
+  template <typename Request, typename Response>
+  absl::StatusOr<Response> Call(grpc::Status (v1::CallSessionService::Stub::*method)(
+                                    grpc::ClientContext*, const Request&, Response*),
+                                const Request& request, const std::string& token, bool retry_safe);
+
   const ClientOptions options_;
   std::unique_ptr<v1::CallSessionService::Stub> stub_;
+  std::shared_ptr<Replicas> replicas_;
   std::string token_;
 };
 
@@ -132,17 +196,26 @@ class ProviderClient {
  public:
   ProviderClient(std::shared_ptr<grpc::ChannelInterface> channel, std::string provider_token,
                  ClientOptions options = {});
+  // Follows the leader among `replicas`.
+  ProviderClient(std::shared_ptr<Replicas> replicas, std::string provider_token,
+                 ClientOptions options = {});
 
   absl::StatusOr<uint64_t> OfferCall(uint32_t device_id, absl::string_view caller_id,
                                      absl::string_view called_id);
   absl::Status SetCallState(uint64_t call_id, v1::CallState state);
   absl::Status ForceLineClose(uint32_t device_id);
 
-  v1::ProviderService::Stub& stub() { return *stub_; }
+  v1::ProviderService::Stub& stub() { return replicas_ ? *replicas_->Current().provider : *stub_; }
 
  private:
+  template <typename Request, typename Response>
+  absl::StatusOr<Response> Call(grpc::Status (v1::ProviderService::Stub::*method)(
+                                    grpc::ClientContext*, const Request&, Response*),
+                                const Request& request);
+
   const ClientOptions options_;
   std::unique_ptr<v1::ProviderService::Stub> stub_;
+  std::shared_ptr<Replicas> replicas_;
   const std::string token_;
 };
 

@@ -14,17 +14,24 @@
 
 namespace callsession {
 
+namespace {
+constexpr char kErrorInfoTypeUrl[] = "type.googleapis.com/google.rpc.ErrorInfo";
+}  // namespace
+
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   // absl::StatusCode and grpc::StatusCode share the canonical numbering.
   const auto code = static_cast<grpc::StatusCode>(status.code());
   std::string message(status.message());
-  const absl::string_view reason = TapiErrorName(status);
-  if (reason.empty()) return grpc::Status(code, message);
-
   google::rpc::ErrorInfo info;
-  info.set_reason(std::string(reason));
-  info.set_domain("callsession.v1");
+  if (auto payload = status.GetPayload(kErrorInfoTypeUrl); payload.has_value()) {
+    if (!info.ParseFromString(std::string(*payload))) return grpc::Status(code, message);
+  } else {
+    const absl::string_view reason = TapiErrorName(status);
+    if (reason.empty()) return grpc::Status(code, message);
+    info.set_reason(std::string(reason));
+    info.set_domain("callsession.v1");
+  }
   google::rpc::Status details;
   details.set_code(static_cast<int32_t>(code));
   details.set_message(message);

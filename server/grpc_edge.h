@@ -16,7 +16,9 @@ namespace callsession {
 
 // The gRPC status for a core status: same code and message, and for TAPI
 // errors a google.rpc.Status in the details (grpc-status-details-bin) whose
-// ErrorInfo has the TAPI name as reason and "callsession.v1" as domain.
+// ErrorInfo has the TAPI name as reason and "callsession.v1" as domain; a
+// status that carries an ErrorInfo payload (ServingCore's NOT_LEADER) sends
+// that one.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // Finishes a unary callback RPC with ToGrpcStatus(status).

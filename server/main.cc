@@ -2,10 +2,12 @@
 // starts the server, and on SIGTERM or SIGINT shuts it down gracefully.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -15,21 +17,42 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/core/log.h"
 #include "server/server.h"
+#include "server/storage/etcd/etcd_journal.h"
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "HOST:PORT to serve gRPC on; port 0 picks a free port");
 ABSL_FLAG(std::string, store, "rocksdb",
-          "where state lives: rocksdb (durable, in --data_dir) or memory (lost on exit)");
+          "where state lives: rocksdb (durable, in --data_dir), etcd (replicated, with a leader "
+          "and hot standbys: --etcd_endpoints) or memory (lost on exit)");
 ABSL_FLAG(std::string, data_dir, "callsession-data",
           "the durable store's directory (created if missing); one process at a time");
 ABSL_FLAG(bool, sync, true,
           "sync the journal before acknowledging (survives a power loss); false survives a "
           "process crash only");
+ABSL_FLAG(std::string, etcd_endpoints, "",
+          "with --store=etcd: HOST:PORT of each etcd member, comma-separated");
+ABSL_FLAG(std::string, etcd_prefix, "/callsession/",
+          "with --store=etcd: the key prefix of this deployment (ends with /)");
+ABSL_FLAG(absl::Duration, etcd_lease_ttl, absl::Seconds(3),
+          "with --store=etcd: the leader's lease; a killed leader is replaced within about this");
+ABSL_FLAG(uint64_t, etcd_max_txn_ops, 128,
+          "with --store=etcd: operations per etcd transaction, at most etcd's --max-txn-ops");
+ABSL_FLAG(int64_t, etcd_retained_revisions, 100000,
+          "with --store=etcd: etcd history kept behind the slowest replica; older is compacted");
+ABSL_FLAG(std::string, etcd_ca, "", "with --store=etcd: PEM CA bundle; enables TLS to etcd");
+ABSL_FLAG(std::string, etcd_cert, "", "with --store=etcd: PEM client certificate for etcd");
+ABSL_FLAG(std::string, etcd_key, "", "with --store=etcd: PEM private key of --etcd_cert");
+ABSL_FLAG(std::string, advertise_address, "",
+          "with --store=etcd: HOST:PORT clients reach this process on, named to them by the "
+          "standbys; default: --listen, if it names a host");
+ABSL_FLAG(std::string, member_name, "",
+          "with --store=etcd: this process's name among the replicas; default: the host name");
 ABSL_FLAG(uint32_t, devices, 16, "number of line devices (ids 0..N-1)");
 ABSL_FLAG(int32_t, shards, 64, "shards per handle table, a power of two");
 ABSL_FLAG(uint64_t, event_buffer, 4096,
@@ -85,6 +108,16 @@ constexpr const char* kFlagsFromEnvironment[] = {"listen",
                                                  "store",
                                                  "data_dir",
                                                  "sync",
+                                                 "etcd_endpoints",
+                                                 "etcd_prefix",
+                                                 "etcd_lease_ttl",
+                                                 "etcd_max_txn_ops",
+                                                 "etcd_retained_revisions",
+                                                 "etcd_ca",
+                                                 "etcd_cert",
+                                                 "etcd_key",
+                                                 "advertise_address",
+                                                 "member_name",
                                                  "devices",
                                                  "shards",
                                                  "event_buffer",
@@ -140,6 +173,24 @@ bool ApplyEnvironment() {
   return true;
 }
 
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "callsessiond";
+  return name;
+}
+
+// --listen if it names a host; with a wildcard host, this host's name and
+// the port.
+std::string DefaultAdvertiseAddress(const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) return listen;
+  const std::string host = listen.substr(0, colon);
+  if (host == "0.0.0.0" || host == "[::]" || host == "::" || host.empty()) {
+    return absl::StrCat(HostName(), listen.substr(colon));
+  }
+  return listen;
+}
+
 int Refuse(const absl::Status& status) {
   callsession::Log(callsession::LogLevel::kError, "start_failed",
                    {{"error", std::string(status.message())}});
@@ -188,9 +239,34 @@ int main(int argc, char** argv) {
     journal.data_dir = absl::GetFlag(FLAGS_data_dir);
     journal.sync = absl::GetFlag(FLAGS_sync);
     options.open_journal = [journal] { return callsession::OpenRocksDbJournal(journal); };
+  } else if (store == "etcd") {
+    callsession::EtcdJournalOptions journal;
+    journal.endpoints =
+        absl::StrSplit(absl::GetFlag(FLAGS_etcd_endpoints), ',', absl::SkipWhitespace());
+    journal.prefix = absl::GetFlag(FLAGS_etcd_prefix);
+    journal.lease_ttl = absl::GetFlag(FLAGS_etcd_lease_ttl);
+    journal.max_txn_ops = absl::GetFlag(FLAGS_etcd_max_txn_ops);
+    journal.retained_revisions = absl::GetFlag(FLAGS_etcd_retained_revisions);
+    journal.ca_file = absl::GetFlag(FLAGS_etcd_ca);
+    journal.cert_file = absl::GetFlag(FLAGS_etcd_cert);
+    journal.key_file = absl::GetFlag(FLAGS_etcd_key);
+    journal.advertise_address = absl::GetFlag(FLAGS_advertise_address);
+    if (journal.advertise_address.empty()) {
+      journal.advertise_address = DefaultAdvertiseAddress(options.listen_address);
+    }
+    journal.member_name = absl::GetFlag(FLAGS_member_name);
+    if (journal.member_name.empty()) journal.member_name = HostName();
+    if (journal.endpoints.empty()) {
+      return Refuse(absl::InvalidArgumentError("--store=etcd needs --etcd_endpoints"));
+    }
+    auto gate = std::make_shared<callsession::LeaderGate>();
+    options.leader_gate = gate;
+    options.open_journal = [journal, gate] {
+      return callsession::OpenEtcdJournal(journal, gate.get());
+    };
   } else if (store != "memory") {
     return Refuse(absl::InvalidArgumentError(
-        absl::StrCat("--store must be rocksdb or memory, got \"", store, "\"")));
+        absl::StrCat("--store must be rocksdb, etcd or memory, got \"", store, "\"")));
   }
   options.core.num_devices = absl::GetFlag(FLAGS_devices);
   options.core.shards = absl::GetFlag(FLAGS_shards);
@@ -224,6 +300,32 @@ int main(int argc, char** argv) {
     return Refuse(absl::InvalidArgumentError("shutdown_grace must be >= 0"));
   }
 
+  // One thread takes the signals from here on, so that a process still
+  // loading its store, or waiting as a standby to lead, stops at once (it
+  // has acknowledged nothing).
+  absl::Mutex signal_mu;
+  callsession::CallSessionServer* running = nullptr;
+  int signal_number = 0;
+  std::thread([&] {
+    for (;;) {
+      int received = 0;
+      sigwait(&shutdown_signals, &received);
+      absl::MutexLock lock(&signal_mu);
+      if (received == SIGHUP) {
+        // Logged (and counted) by the reload itself.
+        if (running != nullptr) (void)running->ReloadTenants();
+        continue;
+      }
+      if (running == nullptr) {
+        callsession::Log(callsession::LogLevel::kInfo, "stopped",
+                         {{"signal", received}, {"detail", "before serving"}});
+        std::_Exit(0);
+      }
+      signal_number = received;
+      return;
+    }
+  }).detach();
+
   auto server = callsession::CallSessionServer::Start(options);
   if (!server.ok()) return Refuse(server.status());
   callsession::Log(callsession::LogLevel::kInfo, "listening",
@@ -239,13 +341,11 @@ int main(int argc, char** argv) {
                     {"app_ttl_seconds", absl::ToDoubleSeconds(options.core.app_ttl)},
                     {"tenants_file", options.tenants_file},
                     {"provider_token", !options.core.provider_token.empty()}});
-
-  int signal_number = 0;
-  for (;;) {
-    sigwait(&shutdown_signals, &signal_number);
-    if (signal_number != SIGHUP) break;
-    // Logged (and counted) by the reload itself.
-    (void)(*server)->ReloadTenants();
+  {
+    absl::MutexLock lock(&signal_mu);
+    running = server->get();
+    signal_mu.Await(absl::Condition(
+        +[](int* number) { return *number != 0; }, &signal_number));
   }
   callsession::Log(callsession::LogLevel::kInfo, "shutting_down",
                    {{"signal", signal_number}, {"grace_seconds", absl::ToDoubleSeconds(grace)}});

@@ -134,6 +134,8 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   }
 
   std::unique_ptr<CallSessionServer> server(new CallSessionServer());
+  server->leader_gate_ = options.leader_gate;
+  if (server->leader_gate_ != nullptr) server->serving_.SetGate(server->leader_gate_.get());
   server->call_session_service_ = std::make_unique<CallSessionGrpcService>(&server->serving_);
   server->provider_service_ = std::make_unique<ProviderGrpcService>(&server->serving_);
   server->admin_service_ =
@@ -192,6 +194,12 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   health->SetServingStatus(false);
   for (const char* service : services) health->SetServingStatus(service, false);
   if (options.on_listening) options.on_listening(server->address_);
+  if (server->leader_gate_ != nullptr) {
+    // A standby that follows the leader is healthy (the overall status, for
+    // liveness probes) while its services stay NOT_SERVING (readiness: only
+    // the leader takes traffic).
+    server->leader_gate_->SetOnFollowing([health] { health->SetServingStatus("", true); });
+  }
 
   const std::string tenants_sha256 =
       options.core.tenants != nullptr ? options.core.tenants->sha256() : "";
@@ -248,6 +256,9 @@ absl::Status CallSessionServer::LoadCore(ServerOptions& options) {
 
 void CallSessionServer::EnforceLeases(absl::Duration period) {
   while (!stop_leases_.WaitForNotificationWithTimeout(period)) {
+    // A leader resumed after a pause past its lease must not expire apps
+    // whose clients were served by its successor meanwhile.
+    if (leader_gate_ != nullptr && !leader_gate_->MayServe()) continue;
     core_->ExpireIdleApps();
   }
 }

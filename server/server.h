@@ -20,6 +20,7 @@
 #include "server/call_session_service.h"
 #include "server/core/call_session_core.h"
 #include "server/core/journal.h"
+#include "server/core/leadership.h"
 #include "server/metrics.h"
 #include "server/provider_service.h"
 #include "server/serving_core.h"
@@ -44,6 +45,9 @@ struct ServerOptions {
   // keeps all state in memory (--store=memory). Called by Start after the
   // server listens, so health answers NOT_SERVING while it runs.
   std::function<absl::StatusOr<std::unique_ptr<Journal>>()> open_journal;
+  // With a replicated store: its gate (open_journal then returns only once
+  // this process leads). RPCs answer NOT_LEADER while it says so.
+  std::shared_ptr<LeaderGate> leader_gate;
   // Called with host:port once the server listens, before the store is
   // loaded (for tests that watch a recovery).
   std::function<void(const std::string& address)> on_listening;
@@ -82,7 +86,10 @@ struct ServerOptions {
 class CallSessionServer {
  public:
   // Starts listening with health NOT_SERVING (every RPC answers
-  // UNAVAILABLE), opens the store and recovers the core from it (logging
+  // UNAVAILABLE; with a replicated store, a standby reports the overall
+  // status "" SERVING once it follows the leader, and its services stay
+  // NOT_SERVING until it leads), opens the store and recovers the core from
+  // it (logging
   // `recovering` with the address, then `recovered` with the counts and the
   // time taken), and only then serves: health SERVING. Errors:
   // INVALID_ARGUMENT for bad options, unreadable TLS files or a tenants file
@@ -130,6 +137,7 @@ class CallSessionServer {
 
   // Declared first, destroyed last: the server refers to all of these (the
   // core to the journal).
+  std::shared_ptr<LeaderGate> leader_gate_;
   std::unique_ptr<Journal> journal_;
   std::unique_ptr<CallSessionCore> core_;
   ServingCore serving_;

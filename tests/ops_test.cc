@@ -389,7 +389,7 @@ TEST(OpsTest, InvalidValuesRefuseToStartWithAClearMessage) {
       {{"--tls_client_ca=/x.pem"}, {}, "needs a TLS certificate"},
       {{"--keepalive_time=0s"}, {}, "keepalive_time must be positive"},
       {{"--max_receive_message_bytes=10"}, {}, "max_receive_message_bytes"},
-      {{"--store=redis"}, {}, "--store must be rocksdb or memory"},
+      {{"--store=redis"}, {}, "--store must be rocksdb, etcd or memory"},
       {{}, {"CALLSESSION_SYNC=maybe"}, "CALLSESSION_SYNC"},
   };
   for (const Case& c : cases) {

@@ -28,6 +28,10 @@
 
 namespace callsession {
 
+// Exit status of the process after a failed journal write (EX_IOERR): every
+// engine stops at once rather than acknowledge what it could not persist.
+inline constexpr int kJournalFailureExitCode = 74;
+
 // Receives the records of one entry.
 class JournalWriter {
  public:

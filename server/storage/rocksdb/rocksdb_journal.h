@@ -32,9 +32,6 @@ class Env;
 
 namespace callsession {
 
-// Exit status of the process after a failed journal write.
-inline constexpr int kJournalFailureExitCode = 74;
-
 // RocksDB's memory beyond the serving copy: at most two memtables of this
 // size (one filling, one being flushed). Reads never use its block cache
 // but at recovery, which bypasses it.
