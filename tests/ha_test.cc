@@ -348,9 +348,9 @@ struct Acknowledged {
   std::set<uint64_t> maybe_deallocated ABSL_GUARDED_BY(mu);
   std::set<uint64_t> offered ABSL_GUARDED_BY(mu);  // call ids
   std::vector<std::string> violations ABSL_GUARDED_BY(mu);
-  uint64_t events = 0 ABSL_GUARDED_BY(mu);
-  uint64_t stream_resumes = 0 ABSL_GUARDED_BY(mu);
-  uint64_t ambiguous = 0 ABSL_GUARDED_BY(mu);
+  uint64_t events ABSL_GUARDED_BY(mu) = 0;
+  uint64_t stream_resumes ABSL_GUARDED_BY(mu) = 0;
+  uint64_t ambiguous ABSL_GUARDED_BY(mu) = 0;
 
   void Violation(std::string what) {
     absl::MutexLock lock(&mu);
