@@ -3,7 +3,8 @@
 
     run_benchmarks.py BUILD_DIR OUT_DIR [--quick] [--only=SECTION,...]
 
-SECTION: micro, transport, loadgen, memory, durability (default: all).
+SECTION: micro, transport, loadgen, memory, durability, tenants, ha (default:
+all).
 
 Starts what it needs on loopback (callsessiond, the empty-handler baseline
 server, redis-server) and runs, in order:
@@ -21,6 +22,13 @@ server, redis-server) and runs, in order:
      triples); bytes written per lifecycle; recovery of 1e6 live calls
      (time, RSS before the kill and after), the data directory's size, and
      the space given back once every call is deallocated.
+  6. tenants: GetCallInfo with a 1,000-tenant file vs open mode.
+  7. ha: a 3-member etcd cluster on loopback and callsessiond --store=etcd
+     (a leader and two standbys): GetCallInfo on the leader vs the memory
+     store (h2load, alternating); lifecycle throughput at 64 and 256 in
+     flight on memory, RocksDB --sync=true and etcd (alternating triples);
+     journal bytes and etcd's disk writes per lifecycle. etcd, the service
+     and the load generator share the machine's cores.
 Sections 1-4 run on the memory store (--store=memory), as before the
 durable store existed.
 Writes OUT_DIR/results.json and OUT_DIR/BENCHMARKS-tables.md. Every figure is
@@ -42,7 +50,7 @@ import time
 BUILD, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
-            ["micro", "transport", "loadgen", "memory", "durability", "tenants"])
+            ["micro", "transport", "loadgen", "memory", "durability", "tenants", "ha"])
 REPEATS = 1 if QUICK else 3
 TOKEN = "bench-provider-token"
 H2_CONNECTIONS, H2_STREAMS = 4, 16  # 64 requests in flight
@@ -54,7 +62,7 @@ RECOVERY_CALLS = 100_000 if QUICK else 1_000_000
 
 os.makedirs(OUT, exist_ok=True)
 results = {"machine": {}, "microbenchmarks": {}, "h2load": {}, "redis": {}, "loadgen": {},
-           "memory": {}, "durability": {}, "tenants": {}, "targets": {}}
+           "memory": {}, "durability": {}, "tenants": {}, "ha": {}, "targets": {}}
 
 
 def log(message):
@@ -535,6 +543,145 @@ def tenants():
     log(f"tenants: {t}")
 
 
+class EtcdCluster:
+    """Three etcd members on loopback (Debian's etcd-server)."""
+
+    def __init__(self, data):
+        ports = [(free_port(), free_port()) for _ in range(3)]
+        cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+        self.endpoints = [f"127.0.0.1:{client}" for client, _ in ports]
+        self.members = []
+        for i, (client, peer) in enumerate(ports):
+            self.members.append(subprocess.Popen(
+                ["etcd", f"--name=m{i}", f"--data-dir={data}/etcd-m{i}",
+                 f"--listen-client-urls=http://127.0.0.1:{client}",
+                 f"--advertise-client-urls=http://127.0.0.1:{client}",
+                 f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                 f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                 f"--initial-cluster={cluster}", "--initial-cluster-state=new",
+                 "--max-txn-ops=1024", "--log-level=error"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            health = subprocess.run(["etcdctl", f"--endpoints={','.join(self.endpoints)}",
+                                     "endpoint", "health"], capture_output=True, text=True)
+            if health.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("etcd did not start")
+
+    def written_bytes(self):
+        return sum(written_bytes(m.pid) for m in self.members)
+
+    def stop(self):
+        for member in self.members:
+            member.terminate()
+        for member in self.members:
+            member.wait()
+
+
+def etcd_servers(cluster, prefix):
+    """A leader and two standbys on `prefix`; returns them, leader first,
+    once the leader serves."""
+    servers = []
+    for i in range(3):
+        metrics_port = free_port()
+        server = callsessiond(
+            [f"--metrics_listen=127.0.0.1:{metrics_port}", "--advertise_address=127.0.0.1:PORT",
+             f"--member_name=bench-{i}", "--etcd_max_txn_ops=1024"],
+            store=["--store=etcd", f"--etcd_endpoints={','.join(cluster.endpoints)}",
+                   f"--etcd_prefix={prefix}"])
+        server.metrics_port = metrics_port
+        servers.append(server)
+        if i == 0:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    callctl(server.port, "list-calls", token="none")
+                except subprocess.CalledProcessError as error:
+                    if "NOT_LEADER" not in (error.stdout or "") + (error.stderr or ""):
+                        break  # answered (UNAUTHENTICATED): it leads
+                time.sleep(0.1)
+    return servers
+
+
+def ha():
+    h = results["ha"]
+    data = tempfile.mkdtemp(prefix="ha-", dir=OUT)
+    cluster = EtcdCluster(data)
+    runs_done = [0]
+
+    def fresh_etcd():
+        runs_done[0] += 1
+        return etcd_servers(cluster, f"/bench-{runs_done[0]}/")
+
+    try:
+        log("h2load GetCallInfo: etcd leader vs memory store, alternating")
+        with tempfile.NamedTemporaryFile(delete=False, suffix=".bin") as f:
+            body = f.name
+        ours, base = [], []
+        for _ in range(max(REPEATS, 5) if not QUICK else 1):
+            for name, rates in (("etcd", ours), ("memory", base)):
+                servers = fresh_etcd() if name == "etcd" else [durable_server(data, "memory")]
+                try:
+                    token, handle = live_handle(servers[0].port)
+                    with open(body, "wb") as out:
+                        out.write(grpc_frame(handle))
+                    rates.append(h2load_once(servers[0].port, token, body))
+                finally:
+                    for server in servers:
+                        server.stop()
+        os.unlink(body)
+        h["get_call_info"] = {"etcd_rps": statistics.median(ours),
+                              "memory_rps": statistics.median(base),
+                              "ratio": statistics.median(o / b for o, b in zip(ours, base)),
+                              "runs": {"etcd": ours, "memory": base}}
+        log(f"ha get_call_info: {h['get_call_info']}")
+
+        h["lifecycle"] = {}
+        for in_flight in (64, 256):
+            log(f"loadgen lifecycle, {in_flight} in flight: memory, RocksDB sync, etcd, "
+                "alternating")
+            runs = {"memory": [], "rocksdb-sync": [], "etcd": []}
+            for _ in range(REPEATS):
+                for name in runs:
+                    servers = (fresh_etcd() if name == "etcd"
+                               else [durable_server(data, name)])
+                    leader = servers[0]
+                    try:
+                        etcd_before = cluster.written_bytes()
+                        report = loadgen(leader.port, "lifecycle", f"--concurrency={in_flight}",
+                                         "--channels=4")
+                        calls = metric(leader.metrics_port, "callsession_calls_created_total")
+                        if name != "memory":
+                            report["journal_bytes_per_lifecycle"] = metric(
+                                leader.metrics_port, "callsession_journal_bytes_total") / calls
+                        if name == "etcd":
+                            report["etcd_disk_bytes_per_lifecycle"] = (
+                                cluster.written_bytes() - etcd_before) / calls
+                        runs[name].append(report)
+                    finally:
+                        for server in servers:
+                            server.stop()
+            summary = {}
+            for name, reports in runs.items():
+                rates = [r["lifecycles_per_second"] for r in reports]
+                middle = sorted(reports, key=lambda r: r["lifecycles_per_second"])[len(reports) // 2]
+                summary[name] = {"lifecycles_per_second": statistics.median(rates), "runs": rates,
+                                 "rpcs": middle["rpcs"]}
+                for key in ("journal_bytes_per_lifecycle", "etcd_disk_bytes_per_lifecycle"):
+                    if key in middle:
+                        summary[name][key] = middle[key]
+                summary[name]["ratio_to_memory"] = statistics.median(
+                    r["lifecycles_per_second"] / m["lifecycles_per_second"]
+                    for r, m in zip(reports, runs["memory"]))
+            h["lifecycle"][str(in_flight)] = summary
+            log(f"ha lifecycle {in_flight}: " + json.dumps(
+                {n: {k: v for k, v in r.items() if k != "rpcs"} for n, r in summary.items()}))
+    finally:
+        cluster.stop()
+
+
 def targets():
     t = {}
     if not results["h2load"]:
@@ -570,6 +717,15 @@ def targets():
 
 
 def durability_targets(t):
+    h = results["ha"]
+    if h:
+        t["GetCallInfo on the etcd store's leader vs memory store >= 0.95"] = \
+            h["get_call_info"]["ratio"]
+        for in_flight, summary in h["lifecycle"].items():
+            t[f"lifecycle at {in_flight} in flight, etcd vs memory (reported)"] = \
+                summary["etcd"]["ratio_to_memory"]
+            t[f"lifecycle at {in_flight} in flight, RocksDB sync vs memory (reported)"] = \
+                summary["rocksdb-sync"]["ratio_to_memory"]
     if results["tenants"]:
         t[f"GetCallInfo with a {TENANTS}-tenant file vs none >= 0.97"] = \
             results["tenants"]["ratio"]
@@ -704,7 +860,7 @@ def main():
     results["quick"] = QUICK
     for section, run_section in (("micro", microbenchmarks), ("transport", transport_and_redis),
                                  ("loadgen", loadgen_scenarios), ("memory", memory),
-                                 ("durability", durability), ("tenants", tenants)):
+                                 ("durability", durability), ("tenants", tenants), ("ha", ha)):
         if section in ONLY:
             run_section()
     targets()
