@@ -220,6 +220,23 @@ class EtcdProbe {
     return absl::UnavailableError("no etcd member answered");
   }
 
+  // How many keys start with `prefix`; -1 if no member answered.
+  int64_t CountPrefix(const std::string& prefix) {
+    for (auto& kv : kv_) {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+      etcdserverpb::RangeRequest request;
+      request.set_key(prefix);
+      std::string end = prefix;
+      end.back() = static_cast<char>(end.back() + 1);
+      request.set_range_end(end);
+      request.set_count_only(true);
+      etcdserverpb::RangeResponse response;
+      if (kv->Range(&context, request, &response).ok()) return response.count();
+    }
+    return -1;
+  }
+
   // Every version of `key` since revision 1 as (mod_revision, value): a
   // watch from revision 1 replays them, up to the key's latest.
   std::vector<std::pair<int64_t, std::string>> History(const std::string& key) {
@@ -729,6 +746,51 @@ TEST_F(HaTest, NothingAcknowledgedIsLostAcrossLeaderKillsPausesEtcdFailuresAndRo
   EXPECT_GT(checked, 0u);
   EXPECT_GT(acked.offered.size(), 0u);
   EXPECT_GE(epochs.size(), static_cast<size_t>(absl::GetFlag(FLAGS_leader_kills)));
+}
+
+// A call on a device that many monitors watch writes one entry with an
+// event for each (more records than one etcd transaction may hold): it is
+// written as an intent, acknowledged whole, and survives a leader kill
+// whole.
+TEST_F(HaTest, AnEntryLargerThanATransactionIsWrittenWhole) {
+  ASSERT_GE(WaitForLeader(), 0) << ReadFile(replicas_->log_path(0));
+  CallSessionClient owner(following_, FollowingOptions());
+  ASSERT_THAT(Eventually([&] { return owner.Initialize("owner"); }), IsOk());
+  auto line = Eventually([&] { return owner.LineOpen(3, {v1::CALL_PRIVILEGE_OWNER}); });
+  ASSERT_THAT(line, IsOk());
+  // More monitors than --etcd_max_txn_ops (128).
+  constexpr int kMonitors = 150;
+  std::vector<std::unique_ptr<CallSessionClient>> monitors;
+  for (int i = 0; i < kMonitors; ++i) {
+    monitors.push_back(std::make_unique<CallSessionClient>(following_, FollowingOptions()));
+    ASSERT_THAT(Eventually([&] { return monitors.back()->Initialize("monitor"); }), IsOk());
+    ASSERT_THAT(Eventually([&] {
+                  return monitors.back()->LineOpen(3, {v1::CALL_PRIVILEGE_MONITOR});
+                }),
+                IsOk());
+  }
+  absl::StatusOr<v1::MakeCallResponse> made = owner.MakeCall(*line, "5550100", "big");
+  ASSERT_THAT(made, IsOk());
+
+  const int leader = WaitForLeader();
+  ASSERT_GE(leader, 0);
+  EXPECT_TRUE(absl::StrContains(ReadFile(replicas_->log_path(leader)), "large_entry_written"))
+      << "the call was not one entry larger than a transaction";
+  replicas_->process(leader).Reap(SIGKILL);
+  ASSERT_THAT(Eventually([&] { return owner.KeepAlive(); }), IsOk());
+  EXPECT_NE(WaitForLeader(), leader);
+
+  absl::StatusOr<v1::CallInfo> info = owner.GetCallInfo(made->call_handle());
+  ASSERT_THAT(info, IsOk());
+  EXPECT_EQ(info->num_monitors(), static_cast<uint32_t>(kMonitors));
+  for (auto& monitor : monitors) {
+    absl::StatusOr<v1::ListCallsResponse> seen = monitor->ListAllCalls();
+    ASSERT_THAT(seen, IsOk());
+    ASSERT_EQ(seen->calls_size(), 1);
+    EXPECT_EQ(seen->calls(0).info().call_id(), info->call_id());
+  }
+  // No intent is left behind.
+  EXPECT_EQ(probe_->CountPrefix("/callsession/intent/"), 0);
 }
 
 }  // namespace

@@ -78,6 +78,7 @@ class EtcdJournal final : public Journal {
         client_(std::move(client)),
         gate_(gate),
         records_prefix_(options_.prefix + "r/"),
+        intents_prefix_(options_.prefix + "intent/"),
         leader_key_(options_.prefix + "leader"),
         epoch_key_(options_.prefix + "epoch"),
         replica_key_(options_.prefix + "replicas/" + options_.member_name),
@@ -281,6 +282,7 @@ class EtcdJournal final : public Journal {
     request.set_range_end(PrefixEnd(options_.prefix));
     request.set_limit(2000);
     std::map<std::string, std::string> records;
+    std::map<std::string, std::string> intents;
     int64_t revision = 0;
     std::string leader;
     int64_t leader_epoch = 0;
@@ -294,6 +296,8 @@ class EtcdJournal final : public Journal {
       for (const mvccpb::KeyValue& kv : page->kvs()) {
         if (kv.key().rfind(records_prefix_, 0) == 0) {
           records.emplace(kv.key().substr(records_prefix_.size()), kv.value());
+        } else if (kv.key().rfind(intents_prefix_, 0) == 0) {
+          intents.emplace(kv.key(), kv.value());
         } else if (kv.key() == leader_key_) {
           leader = kv.value();
           leader_epoch = kv.create_revision();
@@ -305,6 +309,7 @@ class EtcdJournal final : public Journal {
     }
     absl::MutexLock lock(&copy_mu_);
     records_.swap(records);
+    intents_.swap(intents);
     applied_ = revision;
     leader_epoch_ = leader_epoch;
     gate_->SetLeaderAddress(leader);
@@ -326,6 +331,12 @@ class EtcdJournal final : public Journal {
         records_[std::move(key)] = kv.value();
       } else {
         records_.erase(key);
+      }
+    } else if (kv.key().rfind(intents_prefix_, 0) == 0) {
+      if (put) {
+        intents_[kv.key()] = kv.value();
+      } else {
+        intents_.erase(kv.key());
       }
     } else if (kv.key() == leader_key_) {
       leader_epoch_ = put ? kv.create_revision() : 0;
@@ -450,6 +461,7 @@ class EtcdJournal final : public Journal {
     }
     StopWatching();
     leading_.store(true);
+    FinishIntents();
     gate_->LeadUntil(lease_valid_until_.load());
     gate_->SetLeaderAddress(options_.advertise_address);
     Log(LogLevel::kInfo, "leading",
@@ -480,6 +492,12 @@ class EtcdJournal final : public Journal {
   // Writes `txn` (retrying while etcd is unreachable, as long as the lease
   // holds); exits the process if it cannot. The revision it was written at.
   int64_t WriteFenced(const TxnRequest& txn) {
+    const int64_t revision = WriteFencedOnce(txn);
+    written_revision_.store(revision);
+    return revision;
+  }
+
+  int64_t WriteFencedOnce(const TxnRequest& txn) {
     for (;;) {
       auto written = client_->Txn(txn);
       if (written.ok()) {
@@ -523,12 +541,19 @@ class EtcdJournal final : public Journal {
       for (auto& done : ready) std::move(done)();
       size_t next = 0;
       while (next < entries.size()) {
+        const absl::Time first = entries[next].appended;
+        if (Large(entries[next])) {
+          const size_t bytes = entries[next].bytes;
+          WriteLarge(entries[next]);
+          Durable(entries[next].position, first, 1, bytes, observer);
+          ++next;
+          continue;
+        }
         // One Txn: whole entries, as many as fit.
         TxnRequest txn = FencedTxn();
         size_t bytes = 0;
-        const absl::Time first = entries[next].appended;
         size_t taken = 0;
-        while (next < entries.size()) {
+        while (next < entries.size() && !Large(entries[next])) {
           Entry& entry = entries[next];
           const size_t ops = static_cast<size_t>(txn.success_size()) + entry.ops.size();
           if (taken > 0 && ops > options_.max_txn_ops) break;
@@ -537,24 +562,148 @@ class EtcdJournal final : public Journal {
           ++taken;
           ++next;
         }
-        const uint64_t last = entries[next - 1].position;
-        const int64_t revision = WriteFenced(txn);
-        written_revision_.store(revision);
-        batches_.fetch_add(1, std::memory_order_relaxed);
-        bytes_.fetch_add(bytes, std::memory_order_relaxed);
-        Callbacks done;
+        WriteFenced(txn);
+        Durable(entries[next - 1].position, first, taken, bytes, observer);
+      }
+    }
+  }
+
+  // Marks everything up to `last` durable and runs its callbacks.
+  void Durable(uint64_t last, absl::Time first, size_t entries, size_t bytes,
+               JournalObserver* observer) {
+    batches_.fetch_add(1, std::memory_order_relaxed);
+    bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    Callbacks done;
+    {
+      absl::MutexLock lock(&waiters_mu_);
+      durable_.store(last, std::memory_order_release);
+      auto still_waiting = std::partition(waiting_.begin(), waiting_.end(),
+                                          [last](const Waiter& w) { return w.position > last; });
+      for (auto it = still_waiting; it != waiting_.end(); ++it) done.push_back(std::move(it->done));
+      waiting_.erase(still_waiting, waiting_.end());
+    }
+    if (observer != nullptr) observer->OnBatchDurable(absl::Now() - first, entries, bytes);
+    for (auto& callback : done) std::move(callback)();
+  }
+
+  // --- Large entries --------------------------------------------------------
+  //
+  // An entry with more operations than one Txn may hold (an application
+  // with many calls shutting down) cannot be one Txn. It is written as an
+  // intent instead: its operations, serialized, in chunks under
+  // P "intent/<epoch>-<position>/c<i>", then P ".../commit" (the entry is
+  // durable from then on), then applied in Txns of at most max_txn_ops, and
+  // the intent deleted. Nothing else is written meanwhile, so a committed
+  // intent still present when a new leader takes over is the last thing
+  // written: the new leader applies it (again: puts and deletes are
+  // idempotent) to its copy and to etcd before it serves, and deletes an
+  // uncommitted one.
+
+  bool Large(const Entry& entry) const { return entry.ops.size() + 1 > options_.max_txn_ops; }
+
+  static std::string Fixed(uint64_t value) {
+    std::string digits = absl::StrCat(value);
+    return std::string(20 - std::min<size_t>(20, digits.size()), '0') + digits;
+  }
+
+  void WriteLarge(Entry& entry) {
+    TxnRequest bundle;
+    for (RequestOp& op : entry.ops) *bundle.add_success() = std::move(op);
+    const std::string blob = bundle.SerializeAsString();
+    const std::string base =
+        absl::StrCat(intents_prefix_, Fixed(epoch_), "-", Fixed(entry.position), "/");
+    constexpr size_t kChunkBytes = 512 << 10;
+    size_t chunks = 0;
+    for (size_t at = 0; at < blob.size() || chunks == 0; at += kChunkBytes, ++chunks) {
+      TxnRequest txn = FencedTxn();
+      auto* put = txn.add_success()->mutable_request_put();
+      put->set_key(absl::StrCat(base, "c", Fixed(chunks)));
+      put->set_value(blob.substr(at, kChunkBytes));
+      WriteFenced(txn);
+    }
+    TxnRequest commit = FencedTxn();
+    auto* put = commit.add_success()->mutable_request_put();
+    put->set_key(absl::StrCat(base, "commit"));
+    put->set_value(absl::StrCat(chunks));
+    WriteFenced(commit);
+    Log(LogLevel::kInfo, "large_entry_written",
+        {{"operations", bundle.success_size()}, {"chunks", static_cast<uint64_t>(chunks)}});
+    ApplyIntent(base, bundle);
+  }
+
+  // Applies a committed intent's operations to etcd, then deletes it.
+  void ApplyIntent(const std::string& base, const TxnRequest& bundle) {
+    int index = 0;
+    while (index < bundle.success_size()) {
+      TxnRequest txn = FencedTxn();
+      while (index < bundle.success_size() &&
+             static_cast<size_t>(txn.success_size()) < options_.max_txn_ops) {
+        *txn.add_success() = bundle.success(index++);
+      }
+      WriteFenced(txn);
+    }
+    TxnRequest done = FencedTxn();
+    auto* erase = done.add_success()->mutable_request_delete_range();
+    erase->set_key(base);
+    erase->set_range_end(PrefixEnd(base));
+    WriteFenced(done);
+  }
+
+  // On taking over: finishes what a former leader left of large entries.
+  void FinishIntents() {
+    std::map<std::string, std::string> intents;
+    {
+      absl::MutexLock lock(&copy_mu_);
+      intents.swap(intents_);
+    }
+    std::map<std::string, std::vector<const std::string*>> chunks;  // by base
+    std::map<std::string, bool> committed;
+    for (const auto& [key, value] : intents) {
+      const size_t slash = key.rfind('/');
+      const std::string base = key.substr(0, slash + 1);
+      const std::string leaf = key.substr(slash + 1);
+      if (leaf == "commit") {
+        committed[base] = true;
+      } else {
+        chunks[base].push_back(&value);  // "c<i>" keys sort in order
+        committed.emplace(base, false);
+      }
+    }
+    for (const auto& [base, done] : committed) {
+      TxnRequest bundle;
+      std::string blob;
+      for (const std::string* chunk : chunks[base]) blob += *chunk;
+      if (done && bundle.ParseFromString(blob)) {
+        Log(LogLevel::kWarning, "large_entry_redone",
+            {{"intent", base}, {"operations", bundle.success_size()}});
         {
-          absl::MutexLock lock(&waiters_mu_);
-          durable_.store(last, std::memory_order_release);
-          auto still_waiting =
-              std::partition(waiting_.begin(), waiting_.end(),
-                             [last](const Waiter& w) { return w.position > last; });
-          for (auto it = still_waiting; it != waiting_.end(); ++it)
-            done.push_back(std::move(it->done));
-          waiting_.erase(still_waiting, waiting_.end());
+          absl::MutexLock lock(&copy_mu_);
+          for (const RequestOp& op : bundle.success()) RedoLocked(op);
         }
-        if (observer != nullptr) observer->OnBatchDurable(absl::Now() - first, taken, bytes);
-        for (auto& callback : done) std::move(callback)();
+        ApplyIntent(base, bundle);
+      } else {
+        // Never acknowledged: it did not happen.
+        TxnRequest drop = FencedTxn();
+        auto* erase = drop.add_success()->mutable_request_delete_range();
+        erase->set_key(base);
+        erase->set_range_end(PrefixEnd(base));
+        WriteFenced(drop);
+      }
+    }
+  }
+
+  // One operation of a committed intent, on the copy.
+  void RedoLocked(const RequestOp& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(copy_mu_) {
+    auto record = [this](const std::string& key) { return key.substr(records_prefix_.size()); };
+    if (op.has_request_put()) {
+      records_[record(op.request_put().key())] = op.request_put().value();
+    } else if (op.has_request_delete_range()) {
+      const auto& del = op.request_delete_range();
+      if (del.range_end().empty()) {
+        records_.erase(record(del.key()));
+      } else {
+        records_.erase(records_.lower_bound(record(del.key())),
+                       records_.lower_bound(record(del.range_end())));
       }
     }
   }
@@ -593,6 +742,7 @@ class EtcdJournal final : public Journal {
   const std::unique_ptr<EtcdClient> client_;
   LeaderGate* const gate_;
   const std::string records_prefix_;
+  const std::string intents_prefix_;
   const std::string leader_key_;
   const std::string epoch_key_;
   const std::string replica_key_;
@@ -613,6 +763,8 @@ class EtcdJournal final : public Journal {
   // The standby's copy of the records.
   absl::Mutex copy_mu_;
   std::map<std::string, std::string> records_ ABSL_GUARDED_BY(copy_mu_);
+  // Large entries' intents (full etcd keys), see WriteLarge.
+  std::map<std::string, std::string> intents_ ABSL_GUARDED_BY(copy_mu_);
   int64_t applied_ ABSL_GUARDED_BY(copy_mu_) = 0;
   int64_t leader_epoch_ ABSL_GUARDED_BY(copy_mu_) = 0;
   bool bootstrapped_ ABSL_GUARDED_BY(copy_mu_) = false;

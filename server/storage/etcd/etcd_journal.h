@@ -31,7 +31,10 @@
 // Group commit: Append queues; one writer thread writes everything queued
 // as Txns of at most `max_txn_ops` operations (never splitting an entry),
 // one after another, in order, and marks each durable once etcd answers
-// (etcd commits a Txn on a quorum of members, each fsyncing its log).
+// (etcd commits a Txn on a quorum of members, each fsyncing its log). An
+// entry larger than one Txn is written as an intent (its operations under
+// P "intent/"), committed, then applied in parts; a new leader finishes a
+// committed intent it finds before it serves.
 //
 // Fail-stop: a write refused by the fence logs `leadership_lost` and exits
 // with kLeadershipLostExitCode; so does a leader whose lease lapsed or
@@ -78,8 +81,8 @@ struct EtcdJournalOptions {
   // This process's name among the replicas (the pod name); required.
   std::string member_name;
   // Operations per Txn: etcd's --max-txn-ops (default 128) or less. An entry
-  // with more (an application with many calls shutting down) needs both
-  // raised; until then it fails the leader (journal_write_failed).
+  // with more (an application with many calls shutting down) is written as
+  // an intent and applied in parts (see etcd_journal.cc, large entries).
   size_t max_txn_ops = 128;
   // Revisions of etcd's history kept behind the oldest one every live
   // replica has applied (what a standby that reconnects resumes from, and
