@@ -284,7 +284,11 @@ class EtcdProbe {
 // The three callsessiond processes.
 class Replicas3 {
  public:
-  Replicas3(const std::string& dir, const std::vector<std::string>& etcd) : dir_(dir) {
+  // `retained_revisions`: --etcd_retained_revisions (the epoch check reads
+  // the whole history, so by default none is compacted).
+  Replicas3(const std::string& dir, const std::vector<std::string>& etcd,
+            int64_t retained_revisions = 1'000'000'000)
+      : dir_(dir), retained_revisions_(retained_revisions) {
     etcd_endpoints_ = absl::StrJoin(etcd, ",");
     for (int i = 0; i < 3; ++i) {
       ports_[i] = FreePort();
@@ -301,8 +305,7 @@ class Replicas3 {
          "--shutdown_grace=2s",
          // Every request_id stays remembered for the final check.
          "--request_id_cache=1000000",
-         // The epoch check reads the whole history.
-         "--etcd_retained_revisions=1000000000"},
+         absl::StrCat("--etcd_retained_revisions=", retained_revisions_)},
         {absl::StrCat("CALLSESSION_PROVIDER_TOKEN=", kProviderToken)}, log_path(i));
   }
 
@@ -349,6 +352,7 @@ class Replicas3 {
 
  private:
   const std::string dir_;
+  const int64_t retained_revisions_;
   std::string etcd_endpoints_;
   int ports_[3];
   Child processes_[3];
@@ -435,10 +439,12 @@ class HaTest : public ::testing::Test {
     etcd_ = std::make_unique<EtcdCluster>(dir_);
     probe_ = std::make_unique<EtcdProbe>(etcd_->endpoints());
     absl::SleepFor(absl::Seconds(2));
-    replicas_ = std::make_unique<Replicas3>(dir_, etcd_->endpoints());
+    replicas_ = std::make_unique<Replicas3>(dir_, etcd_->endpoints(), RetainedRevisions());
     following_ =
         std::make_shared<Replicas>(replicas_->addresses(), grpc::InsecureChannelCredentials());
   }
+  virtual int64_t RetainedRevisions() const { return 1'000'000'000; }
+
   void TearDown() override {
     replicas_.reset();
     etcd_.reset();
@@ -764,10 +770,9 @@ TEST_F(HaTest, AnEntryLargerThanATransactionIsWrittenWhole) {
   for (int i = 0; i < kMonitors; ++i) {
     monitors.push_back(std::make_unique<CallSessionClient>(following_, FollowingOptions()));
     ASSERT_THAT(Eventually([&] { return monitors.back()->Initialize("monitor"); }), IsOk());
-    ASSERT_THAT(Eventually([&] {
-                  return monitors.back()->LineOpen(3, {v1::CALL_PRIVILEGE_MONITOR});
-                }),
-                IsOk());
+    ASSERT_THAT(
+        Eventually([&] { return monitors.back()->LineOpen(3, {v1::CALL_PRIVILEGE_MONITOR}); }),
+        IsOk());
   }
   absl::StatusOr<v1::MakeCallResponse> made = owner.MakeCall(*line, "5550100", "big");
   ASSERT_THAT(made, IsOk());
@@ -791,6 +796,62 @@ TEST_F(HaTest, AnEntryLargerThanATransactionIsWrittenWhole) {
   }
   // No intent is left behind.
   EXPECT_EQ(probe_->CountPrefix("/callsession/intent/"), 0);
+}
+
+// Retention: the leader compacts etcd's history behind its replicas. A
+// standby paused while the history it needed was compacted away reloads its
+// copy when it resumes (standby_behind_retention), and can then take over
+// with every acknowledged change.
+class HaRetentionTest : public HaTest {
+ protected:
+  int64_t RetainedRevisions() const override { return 1; }
+};
+
+TEST_F(HaRetentionTest, AStandbyBehindTheRetainedHistoryReloadsAndTakesOverWhole) {
+  int leader = WaitForLeader();
+  ASSERT_GE(leader, 0) << ReadFile(replicas_->log_path(0));
+  const int paused = (leader + 1) % 3;
+  ASSERT_TRUE(replicas_->WaitForLog(paused, "standby_loaded", 1));
+  replicas_->process(paused).Signal(SIGSTOP);
+  // Its watch is on the first etcd member: that member goes away, so on
+  // resuming it must watch again, from where it was, elsewhere.
+  etcd_->Kill(0);
+
+  CallSessionClient app(following_, FollowingOptions());
+  ASSERT_THAT(Eventually([&] { return app.Initialize("retention"); }), IsOk());
+  auto line = Eventually([&] { return app.LineOpen(4, {v1::CALL_PRIVILEGE_OWNER}); });
+  ASSERT_THAT(line, IsOk());
+  // Well over a thousand journal writes, then time for a compaction pass
+  // (every 10 s) to go past the paused standby (its lease, and with it its
+  // published position, expired).
+  std::vector<uint64_t> handles;
+  for (int i = 0; i < 700; ++i) {
+    absl::StatusOr<v1::MakeCallResponse> made = app.MakeCall(*line, "5550100");
+    ASSERT_THAT(made, IsOk());
+    ASSERT_THAT(app.Drop(made->call_handle()), IsOk());
+    handles.push_back(made->call_handle());
+  }
+  leader = WaitForLeader();
+  ASSERT_GE(leader, 0);
+  ASSERT_NE(leader, paused);
+  const int other = 3 - leader - paused;
+  ASSERT_TRUE(replicas_->WaitForLog(leader, "etcd_compacted", 1, absl::Seconds(40)))
+      << ReadFile(replicas_->log_path(leader));
+  replicas_->process(paused).Signal(SIGCONT);
+  ASSERT_TRUE(replicas_->WaitForLog(paused, "standby_behind_retention", 1))
+      << ReadFile(replicas_->log_path(paused));
+  ASSERT_TRUE(replicas_->WaitForLog(paused, "standby_loaded", 2));
+
+  // Only the resumed standby is left to take over.
+  replicas_->process(other).Reap(SIGKILL);
+  replicas_->process(leader).Reap(SIGKILL);
+  ASSERT_THAT(Eventually([&] { return app.KeepAlive(); }), IsOk());
+  EXPECT_EQ(WaitForLeader(), paused);
+  for (uint64_t handle : handles) {
+    absl::StatusOr<v1::CallStatus> status = app.GetCallStatus(handle);
+    ASSERT_THAT(status, IsOk()) << handle;
+    EXPECT_EQ(status->call_state(), v1::CALL_STATE_IDLE) << handle;
+  }
 }
 
 }  // namespace

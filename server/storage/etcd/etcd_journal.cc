@@ -733,7 +733,7 @@ class EtcdJournal final : public Journal {
       if (target <= compacted + 1000) continue;
       if (client_->Compact(target).ok()) {
         compacted = target;
-        Log(LogLevel::kDebug, "etcd_compacted", {{"revision", target}});
+        Log(LogLevel::kInfo, "etcd_compacted", {{"revision", target}});
       }
     }
   }
