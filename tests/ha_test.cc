@@ -854,6 +854,87 @@ TEST_F(HaRetentionTest, AStandbyBehindTheRetainedHistoryReloadsAndTakesOverWhole
   }
 }
 
+// TLS to etcd: an etcd that requires client certificates (made by
+// openssl) is reached with --etcd_ca, --etcd_cert and --etcd_key; without a
+// client certificate it refuses, and the process never leads.
+TEST(HaTlsTest, EtcdOverMutualTls) {
+  if (FindInPath("etcd").empty()) GTEST_SKIP() << "etcd is not installed (etcd-server)";
+  const std::string dir = MakeTempDir("callsession-ha-tls");
+  {
+    std::ofstream script(dir + "/certs.sh");
+    script << "set -e\ncd " << dir << "\n"
+           << "key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $1; }\n"
+           << "key ca.key\n"
+           << "openssl req -x509 -new -key ca.key -subj /CN=etcd-ca -days 1 -out ca.pem\n"
+           << "cert() {\n  key $1.key\n"
+           << "  openssl req -new -key $1.key -subj /CN=$1 -out $1.csr\n"
+           << "  printf 'subjectAltName=%s\\nextendedKeyUsage=serverAuth,clientAuth\\n' $2 > "
+              "$1.ext\n"
+           << "  openssl x509 -req -in $1.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 "
+              "-extfile $1.ext -out $1.pem\n}\n"
+           << "cert server IP:127.0.0.1,DNS:localhost\ncert client DNS:callsessiond\n";
+  }
+  ASSERT_EQ(std::system(absl::StrCat("bash ", dir, "/certs.sh >", dir, "/certs.log 2>&1").c_str()),
+            0)
+      << ReadFile(dir + "/certs.log");
+
+  const int client_port = FreePort();
+  const int peer_port = FreePort();
+  const std::string client_url = absl::StrCat("https://127.0.0.1:", client_port);
+  Child etcd({FindInPath("etcd"), "--name=tls", absl::StrCat("--data-dir=", dir, "/etcd"),
+              absl::StrCat("--listen-client-urls=", client_url),
+              absl::StrCat("--advertise-client-urls=", client_url),
+              absl::StrCat("--listen-peer-urls=http://127.0.0.1:", peer_port),
+              absl::StrCat("--initial-advertise-peer-urls=http://127.0.0.1:", peer_port),
+              absl::StrCat("--initial-cluster=tls=http://127.0.0.1:", peer_port),
+              absl::StrCat("--cert-file=", dir, "/server.pem"),
+              absl::StrCat("--key-file=", dir, "/server.key"), "--client-cert-auth",
+              absl::StrCat("--trusted-ca-file=", dir, "/ca.pem"), "--log-level=warn"},
+             {}, absl::StrCat(dir, "/etcd.log"));
+  absl::SleepFor(absl::Seconds(2));
+
+  auto start = [&](const std::string& name, std::vector<std::string> tls) {
+    const int port = FreePort();
+    std::vector<std::string> argv = {CALLSESSIOND_PATH,
+                                     "--store=etcd",
+                                     absl::StrCat("--etcd_endpoints=127.0.0.1:", client_port),
+                                     absl::StrCat("--listen=127.0.0.1:", port),
+                                     absl::StrCat("--advertise_address=127.0.0.1:", port),
+                                     absl::StrCat("--member_name=", name)};
+    argv.insert(argv.end(), tls.begin(), tls.end());
+    return std::make_pair(port, Child(argv, {}, absl::StrCat(dir, "/", name, ".log")));
+  };
+  auto wait_for = [&](const std::string& name, const std::string& event, int tries = 200) {
+    const std::string needle = absl::StrCat("\"event\":\"", event, "\"");
+    for (int i = 0; i < tries; ++i) {
+      if (absl::StrContains(ReadFile(absl::StrCat(dir, "/", name, ".log")), needle)) return true;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    return false;
+  };
+
+  // Without a client certificate: refused, never leads.
+  auto [refused_port, refused] =
+      start("no-client-cert", {absl::StrCat("--etcd_ca=", dir, "/ca.pem")});
+  EXPECT_TRUE(wait_for("no-client-cert", "etcd_unreachable"))
+      << ReadFile(absl::StrCat(dir, "/no-client-cert.log"));
+  EXPECT_FALSE(wait_for("no-client-cert", "leading", 40));
+  refused.Reap(SIGTERM);
+
+  auto [port, mutual] = start("mutual", {absl::StrCat("--etcd_ca=", dir, "/ca.pem"),
+                                         absl::StrCat("--etcd_cert=", dir, "/client.pem"),
+                                         absl::StrCat("--etcd_key=", dir, "/client.key")});
+  ASSERT_TRUE(wait_for("mutual", "leading")) << ReadFile(absl::StrCat(dir, "/mutual.log"));
+  CallSessionClient app(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  ASSERT_THAT(Eventually([&] { return app.Initialize("over-tls"); }), IsOk());
+  auto line = app.LineOpen(0, {v1::CALL_PRIVILEGE_OWNER});
+  ASSERT_THAT(line, IsOk());
+  EXPECT_THAT(app.MakeCall(*line, "5550100"), IsOk());
+  EXPECT_EQ(mutual.Reap(SIGTERM), 0);
+  if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace callsession
 
