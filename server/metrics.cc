@@ -347,6 +347,13 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
                                "from the moment shutdown begins.")
                            .Register(*metrics->registry_)
                            .Add({});
+  metrics->standby_ = &prometheus::BuildGauge()
+                           .Name("callsession_standby")
+                           .Help(
+                               "1 while this process is a standby following the leader "
+                               "(--store=etcd), ready to take over; 0 otherwise.")
+                           .Register(*metrics->registry_)
+                           .Add({});
   auto& reloads = prometheus::BuildCounter()
                      .Name("callsession_tenants_reloads_total")
                      .Help(
@@ -383,6 +390,8 @@ JournalObserver* ServerMetrics::journal_observer() { return journal_observer_.ge
 void ServerMetrics::SetRecoverySeconds(double seconds) { recovery_seconds_->Set(seconds); }
 
 void ServerMetrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
+
+void ServerMetrics::SetStandby(bool standby) { standby_->Set(standby ? 1 : 0); }
 
 void ServerMetrics::RecordTenantsReload(bool ok) {
   (ok ? tenants_reloads_ok_ : tenants_reloads_failed_)->Increment();

@@ -81,6 +81,8 @@ class ServerMetrics {
   void SetRecoverySeconds(double seconds);
   // Follows the health service's overall status.
   void SetServing(bool serving);
+  // Whether this process is a standby that follows the leader.
+  void SetStandby(bool standby);
   // Counts a reload of the tenants file that was put in force (`ok`) or
   // refused.
   void RecordTenantsReload(bool ok);
@@ -102,6 +104,7 @@ class ServerMetrics {
   std::unique_ptr<JournalObserver> journal_observer_;
   prometheus::Gauge* recovery_seconds_ = nullptr;
   prometheus::Gauge* serving_ = nullptr;
+  prometheus::Gauge* standby_ = nullptr;
   prometheus::Counter* tenants_reloads_ok_ = nullptr;
   prometheus::Counter* tenants_reloads_failed_ = nullptr;
   std::unique_ptr<MetricsEndpoint> endpoint_;

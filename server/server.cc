@@ -198,7 +198,11 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
     // A standby that follows the leader is healthy (the overall status, for
     // liveness probes) while its services stay NOT_SERVING (readiness: only
     // the leader takes traffic).
-    server->leader_gate_->SetOnFollowing([health] { health->SetServingStatus("", true); });
+    ServerMetrics* metrics = server->metrics_.get();
+    server->leader_gate_->SetOnFollowing([health, metrics] {
+      health->SetServingStatus("", true);
+      if (metrics != nullptr) metrics->SetStandby(true);
+    });
   }
 
   const std::string tenants_sha256 =
@@ -211,7 +215,10 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   }
   health->SetServingStatus(true);
   for (const char* service : services) health->SetServingStatus(service, true);
-  if (server->metrics_ != nullptr) server->metrics_->SetServing(true);
+  if (server->metrics_ != nullptr) {
+    server->metrics_->SetStandby(false);
+    server->metrics_->SetServing(true);
+  }
 
   const absl::Duration app_ttl = server->core_->options().app_ttl;
   if (app_ttl > absl::ZeroDuration()) {
