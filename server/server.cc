@@ -235,8 +235,13 @@ absl::Status CallSessionServer::LoadCore(ServerOptions& options) {
   options.core.journal = nullptr;
   if (options.open_journal) {
     Log(LogLevel::kInfo, "recovering", {{"address", address_}});
-    const absl::Time start = absl::Now();
+    absl::Time start = absl::Now();
     CS_ASSIGN_OR_RETURN(journal_, options.open_journal());
+    // A replicated store returns once this process leads: the time it
+    // waited as a standby is not recovery.
+    const absl::Duration waited =
+        leader_gate_ != nullptr ? absl::Now() - start : absl::ZeroDuration();
+    start += waited;
     if (metrics_ != nullptr) journal_->SetObserver(metrics_->journal_observer());
     options.core.journal = journal_.get();
     core_ = std::make_unique<CallSessionCore>(std::move(options.core));
@@ -253,7 +258,8 @@ absl::Status CallSessionServer::LoadCore(ServerOptions& options) {
          {"apps_revoked", static_cast<uint64_t>(counts.apps_revoked)},
          {"lines_revoked", static_cast<uint64_t>(counts.lines_revoked)},
          {"new_store", counts.created},
-         {"seconds", seconds}});
+         {"seconds", seconds},
+         {"waited_to_lead_seconds", absl::ToDoubleSeconds(waited)}});
   } else {
     core_ = std::make_unique<CallSessionCore>(std::move(options.core));
   }
