@@ -754,6 +754,47 @@ TEST_F(HaTest, NothingAcknowledgedIsLostAcrossLeaderKillsPausesEtcdFailuresAndRo
   EXPECT_GE(epochs.size(), static_cast<size_t>(absl::GetFlag(FLAGS_leader_kills)));
 }
 
+// Without an etcd quorum: the leader cannot renew its lease, stops serving
+// (reads too) and exits; every replica answers UNAVAILABLE NOT_LEADER with
+// no leader named; once a quorum is back, a leader serves every
+// acknowledged change.
+TEST_F(HaTest, WithoutAQuorumNothingIsServedAndEverythingComesBack) {
+  const int leader = WaitForLeader();
+  ASSERT_GE(leader, 0) << ReadFile(replicas_->log_path(0));
+  CallSessionClient app(following_, FollowingOptions());
+  ASSERT_THAT(Eventually([&] { return app.Initialize("quorum"); }), IsOk());
+  auto line = Eventually([&] { return app.LineOpen(5, {v1::CALL_PRIVILEGE_OWNER}); });
+  ASSERT_THAT(line, IsOk());
+  absl::StatusOr<v1::MakeCallResponse> made = app.MakeCall(*line, "5550100", "before");
+  ASSERT_THAT(made, IsOk());
+
+  etcd_->Kill(1);
+  etcd_->Kill(2);
+  EXPECT_EQ(replicas_->process(leader).Reap(0, absl::Seconds(15)), 75)
+      << "a leader that cannot renew its lease exits";
+  EXPECT_TRUE(absl::StrContains(ReadFile(replicas_->log_path(leader)), "leadership_lost"));
+  for (int i = 0; i < 3; ++i) {
+    if (i == leader) continue;
+    CallSessionClient direct(
+        grpc::CreateChannel(replicas_->address(i), grpc::InsecureChannelCredentials()));
+    direct.set_token(app.token());
+    absl::StatusOr<v1::CallInfo> refused = direct.GetCallInfo(made->call_handle());
+    EXPECT_TRUE(absl::IsUnavailable(refused.status())) << refused.status();
+    EXPECT_EQ(TapiReason(refused.status()), "NOT_LEADER");
+  }
+
+  etcd_->Restart(1);
+  etcd_->Restart(2);
+  replicas_->Start(leader);
+  absl::StatusOr<v1::CallStatus> status =
+      Eventually([&] { return app.GetCallStatus(made->call_handle()); });
+  ASSERT_THAT(status, IsOk());
+  EXPECT_EQ(status->call_state(), v1::CALL_STATE_DIALING);
+  absl::StatusOr<v1::MakeCallResponse> again = app.MakeCall(*line, "5550100", "before");
+  ASSERT_THAT(again, IsOk());
+  EXPECT_EQ(again->call_handle(), made->call_handle());
+}
+
 // A call on a device that many monitors watch writes one entry with an
 // event for each (more records than one etcd transaction may hold): it is
 // written as an intent, acknowledged whole, and survives a leader kill
