@@ -18,10 +18,10 @@
 // connections); --rate=R sends R requests/s open loop instead, with latency
 // measured from each request's scheduled time (no coordinated omission).
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <string>

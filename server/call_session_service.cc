@@ -129,10 +129,9 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
 grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(grpc::CallbackServerContext* context,
                                                              const v1::InitializeRequest* request,
                                                              v1::InitializeResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable,
-                 [&](CallSessionCore& core) {
-                   return core.Initialize(CallerCredentials(*context), *request, response);
-                 });
+  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
+    return core.Initialize(CallerCredentials(*context), *request, response);
+  });
 }
 
 grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(grpc::CallbackServerContext* context,

@@ -355,11 +355,11 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
                            .Register(*metrics->registry_)
                            .Add({});
   auto& reloads = prometheus::BuildCounter()
-                     .Name("callsession_tenants_reloads_total")
-                     .Help(
-                         "Reloads of the tenants file: put in force (ok) or refused (error, the "
-                         "configuration in force stays).")
-                     .Register(*metrics->registry_);
+                      .Name("callsession_tenants_reloads_total")
+                      .Help(
+                          "Reloads of the tenants file: put in force (ok) or refused (error, the "
+                          "configuration in force stays).")
+                      .Register(*metrics->registry_);
   metrics->tenants_reloads_ok_ = &reloads.Add({{"result", "ok"}});
   metrics->tenants_reloads_failed_ = &reloads.Add({{"result", "error"}});
   for (const std::string& name : service_names) {

@@ -44,7 +44,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) 
   return contents.str();
 }
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFrom(const TlsFiles& tls) {
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFrom(
+    const TlsFiles& tls) {
   if (tls.cert_file.empty() && tls.key_file.empty()) {
     if (!tls.client_ca_file.empty()) {
       return absl::InvalidArgumentError("a TLS client CA needs a TLS certificate and key");
@@ -120,8 +121,8 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   if (!options.tenants_file.empty()) {
     // Before reading: a change from here on is seen by the watcher.
     tenants_identity = IdentifyFile(options.tenants_file);
-    CS_ASSIGN_OR_RETURN(options.core.tenants, TenantDirectory::Load(options.tenants_file,
-                                                                    options.core.num_devices));
+    CS_ASSIGN_OR_RETURN(options.core.tenants,
+                        TenantDirectory::Load(options.tenants_file, options.core.num_devices));
     Log(LogLevel::kInfo, "tenants_loaded",
         {{"tenants_file", options.tenants_file},
          {"sha256", options.core.tenants->sha256()},

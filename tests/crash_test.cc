@@ -199,7 +199,8 @@ struct KnownHandle {
 class App {
  public:
   App(Shared& shared, std::string name) : shared_(shared), name_(std::move(name)) {
-    client_ = std::make_unique<CallSessionClient>(shared.channel, ClientOptions{absl::Seconds(2), {}});
+    client_ =
+        std::make_unique<CallSessionClient>(shared.channel, ClientOptions{absl::Seconds(2), {}});
   }
 
   const std::string& name() const { return name_; }

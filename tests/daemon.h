@@ -216,7 +216,7 @@ inline std::string HttpGet(int port, const std::string& path) {
 // The value of the series `name` whose labels include every `labels` pair;
 // -1 if there is none.
 inline double MetricValue(const std::string& text, const std::string& name,
-                   const std::map<std::string, std::string>& labels = {}) {
+                          const std::map<std::string, std::string>& labels = {}) {
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     if (!absl::StartsWith(line, name)) continue;
     const char after = line.size() > name.size() ? line[name.size()] : '\0';

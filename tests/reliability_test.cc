@@ -352,8 +352,8 @@ TEST_F(ReliabilityTest, ExpiredDeadlinesLeaveAConsistentTable) {
   // always expires (before sending). Either way the table stays consistent.
   std::vector<std::unique_ptr<CallSessionClient>> hurried;
   for (int micros : {-1000, 50, 500, 1000}) {
-    hurried.push_back(
-        std::make_unique<CallSessionClient>(channel_, ClientOptions{absl::Microseconds(micros), {}}));
+    hurried.push_back(std::make_unique<CallSessionClient>(
+        channel_, ClientOptions{absl::Microseconds(micros), {}}));
     hurried.back()->set_token(app->token());
   }
   int expired = 0;

@@ -110,7 +110,8 @@ TEST_F(TenantsE2eTest, OpenModeWarnsAtStart) {
 }
 
 TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
-  WriteFile(path_, absl::StrCat(Tenant("alpha", "alpha-key", 0, 3), Tenant("beta", "beta-key", 4, 7)));
+  WriteFile(path_,
+            absl::StrCat(Tenant("alpha", "alpha-key", 0, 3), Tenant("beta", "beta-key", 4, 7)));
   Daemon daemon({"--listen=127.0.0.1:0", "--store=memory", "--metrics_listen=127.0.0.1:0",
                  "--tenants_file=" + path_, "--tenants_check_interval=100ms", "--app_ttl=2s"},
                 Environment());
@@ -144,8 +145,9 @@ TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
   EXPECT_FALSE(Client(address, "")->Initialize("no key").ok());
 
   std::string metrics = HttpGet(metrics_port, "/metrics");
-  EXPECT_EQ(MetricValue(metrics, "callsession_auth_failures_total", {{"reason", "unknown_api_key"}}),
-            kFailures);
+  EXPECT_EQ(
+      MetricValue(metrics, "callsession_auth_failures_total", {{"reason", "unknown_api_key"}}),
+      kFailures);
   EXPECT_EQ(
       MetricValue(metrics, "callsession_auth_failures_total", {{"reason", "missing_credential"}}),
       1);
@@ -181,7 +183,8 @@ TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
       << "a tenant gone from the file has no series";
 
   // beta again, and one of its apps lets its lease run out.
-  WriteFile(path_, absl::StrCat(Tenant("alpha", "alpha-key", 0, 3), Tenant("beta", "beta-key", 4, 7)));
+  WriteFile(path_,
+            absl::StrCat(Tenant("alpha", "alpha-key", 0, 3), Tenant("beta", "beta-key", 4, 7)));
   kill(daemon.pid(), SIGHUP);
   ASSERT_FALSE(daemon.WaitForEvent("tenants_reloaded", "tenants").empty()) << daemon.log();
   auto idle = Client(address, "beta-key");
@@ -207,16 +210,17 @@ TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
     return false;
   };
   EXPECT_TRUE(audited("app_initialized", {"\"tenant\":\"alpha\"", "\"app_name\":\"dialer\""}));
-  EXPECT_TRUE(audited("line_opened", {"\"tenant\":\"alpha\"", "\"device_id\":1", "\"owner\":true"}));
-  EXPECT_TRUE(audited("line_closed", {"\"tenant\":\"beta\"", "\"device_id\":5",
-                                      "\"reason\":\"line_close\""}));
-  EXPECT_TRUE(audited("line_closed", {"\"tenant\":\"alpha\"", "\"device_id\":1",
-                                      "\"reason\":\"forced\""}));
+  EXPECT_TRUE(
+      audited("line_opened", {"\"tenant\":\"alpha\"", "\"device_id\":1", "\"owner\":true"}));
+  EXPECT_TRUE(audited("line_closed",
+                      {"\"tenant\":\"beta\"", "\"device_id\":5", "\"reason\":\"line_close\""}));
+  EXPECT_TRUE(
+      audited("line_closed", {"\"tenant\":\"alpha\"", "\"device_id\":1", "\"reason\":\"forced\""}));
   EXPECT_TRUE(audited("forced_line_close", {"\"provider\":\"provider_token\"", "\"device_id\":1"}));
   EXPECT_TRUE(audited("app_shut_down", {"\"tenant\":\"beta\"", "\"app_name\":\"agent\"",
                                         "\"reason\":\"tenant_revoked\""}));
-  EXPECT_TRUE(audited("line_closed", {"\"tenant\":\"beta\"", "\"device_id\":6",
-                                      "\"reason\":\"tenant_revoked\""}));
+  EXPECT_TRUE(audited("line_closed",
+                      {"\"tenant\":\"beta\"", "\"device_id\":6", "\"reason\":\"tenant_revoked\""}));
   EXPECT_TRUE(audited("app_shut_down", {"\"tenant\":\"beta\"", "\"reason\":\"lease_expired\""}));
 
   // Failed authentications: logged with the peer and why, at most a burst
@@ -238,8 +242,8 @@ TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
   // The guesses, the missing key, and beta's token after its revocation.
   EXPECT_EQ(logged_or_suppressed, kFailures + 2u);
   // No key, nor its hash, is ever logged.
-  for (const std::string& secret : {std::string("alpha-key"), std::string("guess-1"),
-                                    HexSha256("alpha-key"), alpha->token()}) {
+  for (const std::string& secret :
+       {std::string("alpha-key"), std::string("guess-1"), HexSha256("alpha-key"), alpha->token()}) {
     EXPECT_FALSE(absl::StrContains(log, secret)) << secret;
   }
 }

@@ -69,25 +69,25 @@ std::string HexSha256(absl::string_view key) {
 // switch: no devices; provider for devices 0-3.
 std::string TenantsFile(bool with_beta = true, bool alpha_key2 = true, bool alpha_monitors_4 = true,
                         bool with_delta = false) {
-  std::string text = absl::StrCat(R"(
+  std::string text = absl::StrCat(
+      R"(
 tenants {
   name: "alpha"
-  api_key_sha256: ")", HexSha256("alpha-key"), "\"\n",
-                                  alpha_key2 ? absl::StrCat("  api_key_sha256: \"",
-                                                            HexSha256("alpha-key-2"), "\"\n")
-                                             : "",
-                                  R"(  devices { first: 0 last: 3 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, DEVICE_PRIVILEGE_MONITOR] }
+  api_key_sha256: ")",
+      HexSha256("alpha-key"), "\"\n",
+      alpha_key2 ? absl::StrCat("  api_key_sha256: \"", HexSha256("alpha-key-2"), "\"\n") : "",
+      R"(  devices { first: 0 last: 3 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, DEVICE_PRIVILEGE_MONITOR] }
 )",
-                                  alpha_monitors_4
-                                      ? "  devices { first: 4 last: 4 privileges: "
-                                        "DEVICE_PRIVILEGE_MONITOR }\n"
-                                      : "",
-                                  "}\n");
+      alpha_monitors_4 ? "  devices { first: 4 last: 4 privileges: "
+                         "DEVICE_PRIVILEGE_MONITOR }\n"
+                       : "",
+      "}\n");
   if (with_beta) {
     absl::StrAppend(&text, R"(
 tenants {
   name: "beta"
-  api_key_sha256: ")", HexSha256("beta-key"), R"("
+  api_key_sha256: ")",
+                    HexSha256("beta-key"), R"("
   devices { first: 4 last: 7 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, DEVICE_PRIVILEGE_MONITOR] }
   devices { first: 3 last: 3 privileges: DEVICE_PRIVILEGE_NONE }
 }
@@ -96,13 +96,15 @@ tenants {
   absl::StrAppend(&text, R"(
 tenants {
   name: "gamma"
-  api_key_sha256: ")", HexSha256("gamma-key"), R"("
+  api_key_sha256: ")",
+                  HexSha256("gamma-key"), R"("
   devices { first: 8 last: 8 privileges: DEVICE_PRIVILEGE_MONITOR }
   quotas { max_apps: 2 max_lines_per_app: 1 }
 }
 tenants {
   name: "switch"
-  api_key_sha256: ")", HexSha256("switch-key"), R"("
+  api_key_sha256: ")",
+                  HexSha256("switch-key"), R"("
   provider { devices { first: 0 last: 3 } }
 }
 )");
@@ -110,7 +112,8 @@ tenants {
     absl::StrAppend(&text, R"(
 tenants {
   name: "delta"
-  api_key_sha256: ")", HexSha256("delta-key"), R"("
+  api_key_sha256: ")",
+                    HexSha256("delta-key"), R"("
   devices { first: 9 last: 9 privileges: DEVICE_PRIVILEGE_NONE }
 }
 )");
@@ -185,7 +188,8 @@ class TenantsServiceTest : public ::testing::Test {
     EXPECT_THAT(listed, IsOk());
     std::vector<uint64_t> ids;
     if (listed.ok()) {
-      for (const v1::CallHandleEntry& entry : listed->calls()) ids.push_back(entry.info().call_id());
+      for (const v1::CallHandleEntry& entry : listed->calls())
+        ids.push_back(entry.info().call_id());
     }
     return ids;
   }
@@ -385,8 +389,7 @@ TEST_F(TenantsServiceTest, ProviderCredentialsAreScopedToTheirDevices) {
   EXPECT_THAT(ProviderClient(channel_, "alpha-key").OfferCall(1, "+1", "+2"), Uninitialized());
   EXPECT_THAT(ProviderClient(channel_, alpha->token()).OfferCall(1, "+1", "+2"), Uninitialized());
   EXPECT_THAT(ProviderClient(channel_, "").OfferCall(1, "+1", "+2"), Uninitialized());
-  EXPECT_EQ(server_->core().Stats().auth_failures[static_cast<int>(AuthFailure::kNotProvider)],
-            2u);
+  EXPECT_EQ(server_->core().Stats().auth_failures[static_cast<int>(AuthFailure::kNotProvider)], 2u);
 }
 
 TEST_F(TenantsServiceTest, TenantQuotasReplaceTheFlags) {
@@ -575,11 +578,10 @@ class TenantsTlsTest : public TenantsServiceTest {
         "    -extfile $1.ext -out $1.pem 2>/dev/null; }; ",
         "cert server /CN=localhost DNS:localhost,IP:127.0.0.1; ",
         "cert spiffe /CN=anything URI:spiffe://test.example/alpha; ",
-        "cert subject '/O=Example Corp/CN=beta-dialer' ''; ",
-        "cert dns /CN=x DNS:gamma.internal; ",
+        "cert subject '/O=Example Corp/CN=beta-dialer' ''; ", "cert dns /CN=x DNS:gamma.internal; ",
         "cert stranger /CN=stranger URI:spiffe://test.example/nobody");
-    const std::string command = absl::StrCat("bash -c '", absl::StrReplaceAll(script, {{"'", "'\\''"}}),
-                                             "' 2>&1");
+    const std::string command =
+        absl::StrCat("bash -c '", absl::StrReplaceAll(script, {{"'", "'\\''"}}), "' 2>&1");
     FILE* pipe = popen(command.c_str(), "r");
     ASSERT_NE(pipe, nullptr);
     char buffer[4096];

@@ -41,8 +41,10 @@ std::string ErrorOf(const std::string& text) {
 const std::string kGoodFile = absl::StrCat(R"(# callsession.config.v1.TenantsFile
 tenants {
   name: "billing"
-  api_key_sha256: ")", HexSha256("billing-key"), R"("
-  api_key_sha256: ")", HexSha256("billing-key-2"), R"("
+  api_key_sha256: ")",
+                                           HexSha256("billing-key"), R"("
+  api_key_sha256: ")",
+                                           HexSha256("billing-key-2"), R"("
   client_identities { uri: "spiffe://example.org/billing" }
   client_identities { subject: "CN=billing,O=Example" }
   devices { first: 0 last: 99 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER] }
@@ -158,20 +160,20 @@ TEST(TenantsTest, EachMistakeIsRefusedNamingItsLine) {
   struct Case {
     const char* what;
     std::string text;
-    std::string line;     // the message starts with it
-    std::string saying;   // and contains this
+    std::string line;    // the message starts with it
+    std::string saying;  // and contains this
   };
   const Case cases[] = {
-      {"unknown field", "tenants {\n  name: \"a\"\n  device { first: 1 }\n}\n", "line 3",
-       "device"},
+      {"unknown field", "tenants {\n  name: \"a\"\n  device { first: 1 }\n}\n", "line 3", "device"},
       {"not text format", "tenants {\n  name: \"a\"\n", "line 3", ""},
       {"bad name", "tenants {\n  name: \"no spaces\"\n}\n", "line 2: ", "tenant name"},
-      {"empty name", "tenants {\n  devices { first: 0 last: 0 privileges: DEVICE_PRIVILEGE_NONE }\n}\n",
+      {"empty name",
+       "tenants {\n  devices { first: 0 last: 0 privileges: DEVICE_PRIVILEGE_NONE }\n}\n",
        "line 1: ", "tenant name"},
-      {"duplicate name", "tenants { name: \"a\" }\n\ntenants {\n  name: \"a\"\n}\n", "line 4: ",
-       "already defined (line 1)"},
-      {"malformed hash",
-       "tenants {\n  name: \"a\"\n  api_key_sha256: \"abc\"\n}\n", "line 3: ", "64 hex digits"},
+      {"duplicate name", "tenants { name: \"a\" }\n\ntenants {\n  name: \"a\"\n}\n",
+       "line 4: ", "already defined (line 1)"},
+      {"malformed hash", "tenants {\n  name: \"a\"\n  api_key_sha256: \"abc\"\n}\n",
+       "line 3: ", "64 hex digits"},
       {"hash with a non-hex digit",
        absl::StrCat("tenants {\n  name: \"a\"\n  api_key_sha256: \"", std::string(63, 'a'),
                     "g\"\n}\n"),
@@ -188,26 +190,29 @@ TEST(TenantsTest, EachMistakeIsRefusedNamingItsLine) {
        "tenants {\n  name: \"a\"\n  client_identities { uri: \"spiffe://x\" }\n}\n"
        "tenants {\n  name: \"b\"\n  client_identities { uri: \"spiffe://x\" }\n}\n",
        "line 7: ", "already tenant \"a\"'s (line 3)"},
-      {"empty identity", "tenants {\n  name: \"a\"\n  client_identities { }\n}\n", "line 3: ",
-       "one of subject, uri or dns"},
+      {"empty identity", "tenants {\n  name: \"a\"\n  client_identities { }\n}\n",
+       "line 3: ", "one of subject, uri or dns"},
       {"reversed range",
-       "tenants {\n  name: \"a\"\n  devices { first: 5 last: 4 privileges: DEVICE_PRIVILEGE_NONE }\n}\n",
+       "tenants {\n  name: \"a\"\n  devices { first: 5 last: 4 privileges: DEVICE_PRIVILEGE_NONE "
+       "}\n}\n",
        "line 3: ", "reversed"},
       {"past the devices",
-       "tenants {\n  name: \"a\"\n  devices { first: 0 last: 300 privileges: DEVICE_PRIVILEGE_NONE }\n}\n",
+       "tenants {\n  name: \"a\"\n  devices { first: 0 last: 300 privileges: DEVICE_PRIVILEGE_NONE "
+       "}\n}\n",
        "line 3: ", "--devices=300"},
-      {"no privileges", "tenants {\n  name: \"a\"\n  devices { first: 0 last: 1 }\n}\n", "line 3: ",
-       "needs privileges"},
+      {"no privileges", "tenants {\n  name: \"a\"\n  devices { first: 0 last: 1 }\n}\n",
+       "line 3: ", "needs privileges"},
       {"unspecified privilege",
-       "tenants {\n  name: \"a\"\n  devices { first: 0 last: 1 privileges: DEVICE_PRIVILEGE_UNSPECIFIED }\n}\n",
+       "tenants {\n  name: \"a\"\n  devices { first: 0 last: 1 privileges: "
+       "DEVICE_PRIVILEGE_UNSPECIFIED }\n}\n",
        "line 3: ", "needs privileges"},
       {"overlapping grants that contradict",
        "tenants {\n  name: \"a\"\n"
        "  devices { first: 0 last: 10 privileges: DEVICE_PRIVILEGE_NONE }\n"
        "  devices { first: 10 last: 20 privileges: DEVICE_PRIVILEGE_MONITOR }\n}\n",
        "line 4: ", "(line 3): overlapping grants must agree"},
-      {"provider without devices", "tenants {\n  name: \"a\"\n  provider { }\n}\n", "line 3: ",
-       "provider access needs devices"},
+      {"provider without devices", "tenants {\n  name: \"a\"\n  provider { }\n}\n",
+       "line 3: ", "provider access needs devices"},
       {"provider range past the devices",
        "tenants {\n  name: \"a\"\n  provider {\n    devices { first: 0 last: 1 }\n"
        "    devices { first: 2 last: 999 }\n  }\n}\n",
@@ -233,7 +238,8 @@ TEST(TenantsTest, LoadNamesTheFile) {
   }
   absl::StatusOr<std::shared_ptr<const TenantDirectory>> bad =
       TenantDirectory::Load(path, kDevices);
-  EXPECT_THAT(std::string(bad.status().message()), StartsWith(absl::StrCat("tenants file ", path, ": line 3")));
+  EXPECT_THAT(std::string(bad.status().message()),
+              StartsWith(absl::StrCat("tenants file ", path, ": line 3")));
   {
     std::ofstream out(path);
     out << kGoodFile;

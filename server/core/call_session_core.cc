@@ -830,8 +830,8 @@ absl::Status CallSessionCore::Initialize(const Credentials& credentials,
       const uint64_t limit = *match.tenant->quotas().max_apps;
       auto registered = tenant_apps_.find(tenant_name);
       if (registered != tenant_apps_.end() && registered->second >= limit) {
-        return QuotaExceeded(absl::StrCat("tenant \"", tenant_name, "\" has its maximum of ",
-                                          limit, " applications (max_apps)"));
+        return QuotaExceeded(absl::StrCat("tenant \"", tenant_name, "\" has its maximum of ", limit,
+                                          " applications (max_apps)"));
       }
     }
     if (match.tenant != nullptr) tenant = std::shared_ptr<const Tenant>(tenants, match.tenant);
@@ -988,9 +988,8 @@ absl::Status CallSessionCore::LineOpen(absl::string_view token, const v1::LineOp
     }
   }
 
-  const DeviceRights needed = owner || monitor
-                                  ? (owner ? kRightOwn : 0) | (monitor ? kRightMonitor : 0)
-                                  : kRightDial;
+  const DeviceRights needed =
+      owner || monitor ? (owner ? kRightOwn : 0) | (monitor ? kRightMonitor : 0) : kRightDial;
   EventPublisher events(journal_);
   uint64_t handle = 0;
   DeviceRights rights = 0;
@@ -1122,9 +1121,9 @@ absl::Status CallSessionCore::PlaceOutboundCall(App& app, uint64_t line_handle,
   CS_ASSIGN_OR_RETURN(std::shared_ptr<Line> line, FindOwnLine(app, line_handle));
   Device& device = *line->device;
   if ((line->rights & kRightDial) == 0) {
-    return TapiError(TapiErrorCode::kOperationUnavail,
-                     absl::StrCat("the application's tenant may not place calls on device ",
-                                  device.id));
+    return TapiError(
+        TapiErrorCode::kOperationUnavail,
+        absl::StrCat("the application's tenant may not place calls on device ", device.id));
   }
 
   if (!ReserveCallHandles(app, 1)) {
@@ -1559,7 +1558,7 @@ TenantsApplied CallSessionCore::ApplyTenants(
   for (const std::shared_ptr<App>& app : apps) {
     const Tenant* tenant = tenants == nullptr ? nullptr : tenants->Find(app->tenant);
     if (tenants != nullptr && (tenant == nullptr || !tenant->HasCredential(app->credential))) {
-      const char* why = app->tenant.empty()  ? "no_tenant"
+      const char* why = app->tenant.empty() ? "no_tenant"
                         : tenant == nullptr ? "tenant_revoked"
                                             : "credential_revoked";
       if (ShutdownApp(app, false, why)) ++applied.apps_shut_down;
@@ -1569,8 +1568,8 @@ TenantsApplied CallSessionCore::ApplyTenants(
     {
       absl::MutexLock lock(&app->mu);
       if (app->shut_down) continue;
-      SetTenantLocked(*app, tenant == nullptr ? nullptr
-                                              : std::shared_ptr<const Tenant>(tenants, tenant));
+      SetTenantLocked(*app,
+                      tenant == nullptr ? nullptr : std::shared_ptr<const Tenant>(tenants, tenant));
       line_handles.assign(app->line_handles.begin(), app->line_handles.end());
     }
     for (uint64_t line_handle : line_handles) {

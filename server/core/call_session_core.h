@@ -219,8 +219,7 @@ class CallSessionCore {
                          v1::OfferCallResponse* response);
   absl::Status SetCallState(const Credentials& provider, const v1::SetCallStateRequest& request,
                             v1::SetCallStateResponse* response);
-  absl::Status ForceLineClose(const Credentials& provider,
-                              const v1::ForceLineCloseRequest& request,
+  absl::Status ForceLineClose(const Credentials& provider, const v1::ForceLineCloseRequest& request,
                               v1::ForceLineCloseResponse* response);
 
   // Puts `tenants` in force (a reload of the tenants file) and takes away

@@ -12,18 +12,18 @@
 namespace callsession {
 
 enum class TapiErrorCode {
-  kBadDeviceId,      // NOT_FOUND
-  kInvalAddress,     // INVALID_ARGUMENT
-  kInvalAppName,     // INVALID_ARGUMENT
-  kInvalCallHandle,  // NOT_FOUND
-  kInvalCallState,   // FAILED_PRECONDITION
-  kInvalLineHandle,  // NOT_FOUND
-  kInvalParam,       // INVALID_ARGUMENT
-  kInvalPrivSelect,  // INVALID_ARGUMENT
-  kNotOwner,         // PERMISSION_DENIED
-  kOperationUnavail, // PERMISSION_DENIED: the tenant may not (tenants.proto)
-  kResourceUnavail,  // RESOURCE_EXHAUSTED
-  kUninitialized,    // UNAUTHENTICATED
+  kBadDeviceId,       // NOT_FOUND
+  kInvalAddress,      // INVALID_ARGUMENT
+  kInvalAppName,      // INVALID_ARGUMENT
+  kInvalCallHandle,   // NOT_FOUND
+  kInvalCallState,    // FAILED_PRECONDITION
+  kInvalLineHandle,   // NOT_FOUND
+  kInvalParam,        // INVALID_ARGUMENT
+  kInvalPrivSelect,   // INVALID_ARGUMENT
+  kNotOwner,          // PERMISSION_DENIED
+  kOperationUnavail,  // PERMISSION_DENIED: the tenant may not (tenants.proto)
+  kResourceUnavail,   // RESOURCE_EXHAUSTED
+  kUninitialized,     // UNAUTHENTICATED
 };
 
 // "LINEERR_BADDEVICEID" and so on.

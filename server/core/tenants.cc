@@ -155,9 +155,9 @@ absl::Status CheckRange(uint32_t first, uint32_t last, uint32_t num_devices,
     return Invalid(place, absl::StrCat("device range ", first, "..", last, " is reversed"));
   }
   if (last >= num_devices) {
-    return Invalid(place, absl::StrCat("device range ", first, "..", last,
-                                       " reaches past the server's devices (--devices=",
-                                       num_devices, ")"));
+    return Invalid(
+        place, absl::StrCat("device range ", first, "..", last,
+                            " reaches past the server's devices (--devices=", num_devices, ")"));
   }
   return absl::OkStatus();
 }
@@ -261,14 +261,13 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
     const config::v1::Tenant& config = file.tenants(t);
     const Places in_tenant = places.Nested(file, "tenants", t);
     const int tenant_line = places.Line(file, "tenants", t);
-    const std::string tenant_place =
-        in_tenant.Line(config, "name") > 0 ? in_tenant.Of(config, "name")
-                                           : absl::StrCat("line ", tenant_line, ": ");
+    const std::string tenant_place = in_tenant.Line(config, "name") > 0
+                                         ? in_tenant.Of(config, "name")
+                                         : absl::StrCat("line ", tenant_line, ": ");
     if (!ValidName(config.name())) {
-      return Invalid(tenant_place,
-                     absl::StrCat("tenant name \"", absl::CHexEscape(config.name()),
-                                  "\" must be 1 to ", kMaxNameLength,
-                                  " characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
+      return Invalid(tenant_place, absl::StrCat("tenant name \"", absl::CHexEscape(config.name()),
+                                                "\" must be 1 to ", kMaxNameLength,
+                                                " characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
     }
     if (auto [it, added] = seen_names.emplace(config.name(), tenant_line); !added) {
       return Invalid(tenant_place, absl::StrCat("tenant \"", config.name(),
@@ -281,9 +280,9 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
                      const std::string& place, int line) -> absl::Status {
       auto [it, added] = seen_credentials.emplace(credential, std::make_pair(config.name(), line));
       if (!added) {
-        return Invalid(place, absl::StrCat(shown, " is already tenant \"", it->second.first,
-                                           "\"'s (line ", it->second.second,
-                                           "): a credential names one tenant"));
+        return Invalid(place,
+                       absl::StrCat(shown, " is already tenant \"", it->second.first, "\"'s (line ",
+                                    it->second.second, "): a credential names one tenant"));
       }
       tenant->credentials_.insert(credential);
       return absl::OkStatus();
@@ -292,8 +291,9 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
       const std::string place = in_tenant.Of(config, "api_key_sha256", k);
       const std::optional<std::string> raw = ParseSha256Hex(config.api_key_sha256(k));
       if (!raw.has_value()) {
-        return Invalid(place, "api_key_sha256 must be 64 hex digits (the key's SHA-256, as "
-                              "`printf %s \"$KEY\" | sha256sum` prints it)");
+        return Invalid(place,
+                       "api_key_sha256 must be 64 hex digits (the key's SHA-256, as "
+                       "`printf %s \"$KEY\" | sha256sum` prints it)");
       }
       const std::string credential = absl::StrCat("api_key:", Hex(*raw));
       if (absl::Status claimed = claim(credential, absl::StrCat("api_key_sha256 ", Hex(*raw)),
@@ -320,14 +320,15 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
         case config::v1::ClientIdentity::IDENTITY_NOT_SET:
           return Invalid(place, "a client identity needs one of subject, uri or dns");
       }
-      const absl::string_view value = absl::string_view(credential).substr(credential.find(':') + 1);
+      const absl::string_view value =
+          absl::string_view(credential).substr(credential.find(':') + 1);
       if (value.empty() || value.size() > kMaxIdentityLength || !Printable(value)) {
         return Invalid(place, absl::StrCat("a client identity must be 1 to ", kMaxIdentityLength,
                                            " printable ASCII characters"));
       }
-      if (absl::Status claimed = claim(credential, absl::StrCat("client identity \"", credential,
-                                                                "\""),
-                                       place, in_tenant.Line(config, "client_identities", i));
+      if (absl::Status claimed =
+              claim(credential, absl::StrCat("client identity \"", credential, "\""), place,
+                    in_tenant.Line(config, "client_identities", i));
           !claimed.ok()) {
         return claimed;
       }
@@ -344,11 +345,12 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
       }
       const DeviceRights rights = RightsOf(grant);
       if (grant.privileges().empty() || rights == 0) {
-        return Invalid(place, "a device grant needs privileges: DEVICE_PRIVILEGE_NONE, "
-                              "DEVICE_PRIVILEGE_OWNER and/or DEVICE_PRIVILEGE_MONITOR");
+        return Invalid(place,
+                       "a device grant needs privileges: DEVICE_PRIVILEGE_NONE, "
+                       "DEVICE_PRIVILEGE_OWNER and/or DEVICE_PRIVILEGE_MONITOR");
       }
-      grants.push_back({{grant.first(), grant.last(), rights},
-                        in_tenant.Line(config, "devices", g)});
+      grants.push_back(
+          {{grant.first(), grant.last(), rights}, in_tenant.Line(config, "devices", g)});
     }
     absl::StatusOr<std::vector<DeviceGrant>> merged =
         Merge(std::move(grants), /*same_rights=*/true, config.name());
@@ -370,8 +372,8 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
             !checked.ok()) {
           return checked;
         }
-        ranges.push_back({{range.first(), range.last(), 0},
-                          in_provider.Line(config.provider(), "devices", r)});
+        ranges.push_back(
+            {{range.first(), range.last(), 0}, in_provider.Line(config.provider(), "devices", r)});
       }
       absl::StatusOr<std::vector<DeviceGrant>> provider_ranges =
           Merge(std::move(ranges), /*same_rights=*/false, config.name());

@@ -36,8 +36,8 @@ inline constexpr DeviceRights kAllRights = kRightDial | kRightOwn | kRightMonito
 struct Credentials {
   Credentials() = default;
   // A bearer token alone (an API key or provider token).
-  Credentials(absl::string_view bearer) : bearer(bearer) {}  // NOLINT: implicit on purpose
-  Credentials(const char* bearer) : bearer(bearer) {}        // NOLINT
+  Credentials(absl::string_view bearer) : bearer(bearer) {}   // NOLINT: implicit on purpose
+  Credentials(const char* bearer) : bearer(bearer) {}         // NOLINT
   Credentials(const std::string& bearer) : bearer(bearer) {}  // NOLINT
 
   // The `authorization: Bearer` token; empty if none. Never logged.
@@ -50,13 +50,13 @@ struct Credentials {
 // Why an authentication failed: the label of
 // callsession_auth_failures_total.
 enum class AuthFailure {
-  kMissingCredential,      // nothing presented
-  kMalformedToken,         // an app token that is not one
-  kUnknownToken,           // an app token of no (or no longer a) registered app
-  kUnknownApiKey,          // a bearer key in no tenant
-  kUnknownClientIdentity,  // a certificate whose identities are in no tenant
-  kConflictingCredentials, // a key and a certificate of different tenants
-  kNotProvider,            // not the provider token, nor a tenant's with provider access
+  kMissingCredential,       // nothing presented
+  kMalformedToken,          // an app token that is not one
+  kUnknownToken,            // an app token of no (or no longer a) registered app
+  kUnknownApiKey,           // a bearer key in no tenant
+  kUnknownClientIdentity,   // a certificate whose identities are in no tenant
+  kConflictingCredentials,  // a key and a certificate of different tenants
+  kNotProvider,             // not the provider token, nor a tenant's with provider access
 };
 inline constexpr int kAuthFailureKinds = 7;
 absl::string_view AuthFailureName(AuthFailure failure);

@@ -247,7 +247,8 @@ std::string ConfigText(const TenantsConfig& config) {
   auto tenant = [](const char* name, std::vector<const char*> keys, const uint8_t* rights,
                    const std::string& quotas) {
     std::string text = absl::StrCat("tenants {\n  name: \"", name, "\"\n");
-    for (const char* key : keys) absl::StrAppend(&text, "  api_key_sha256: \"", HexSha256(key), "\"\n");
+    for (const char* key : keys)
+      absl::StrAppend(&text, "  api_key_sha256: \"", HexSha256(key), "\"\n");
     for (uint32_t device = 0; device < kDevices; ++device) {
       if (rights[device] == 0) continue;
       absl::StrAppend(&text, "  devices { first: ", device, " last: ", device, " privileges: [");
@@ -277,11 +278,11 @@ std::string ConfigText(const TenantsConfig& config) {
   }
   absl::StrAppend(&text, tenant("t0", t0_keys, config.rights[0], t0_quotas));
   if (config.t1_present) {
-    absl::StrAppend(&text, tenant("t1", {"key-1"}, config.rights[1],
-                                  config.t1_max_apps != 0
-                                      ? absl::StrCat("  quotas { max_apps: ", config.t1_max_apps,
-                                                     " }\n")
-                                      : ""));
+    absl::StrAppend(&text,
+                    tenant("t1", {"key-1"}, config.rights[1],
+                           config.t1_max_apps != 0
+                               ? absl::StrCat("  quotas { max_apps: ", config.t1_max_apps, " }\n")
+                               : ""));
   }
   absl::StrAppend(&text, "tenants {\n  name: \"p\"\n  api_key_sha256: \"", HexSha256("key-p"),
                   "\"\n  provider { devices { first: 0 last: 1 } }\n}\n");
@@ -706,7 +707,8 @@ class Harness {
         request.set_device_id(device);
         request.set_caller_id("555");
         v1::OfferCallResponse response;
-        const absl::Status status = core_->OfferCall(ProviderCredential(provider), request, &response);
+        const absl::Status status =
+            core_->OfferCall(ProviderCredential(provider), request, &response);
         if (!ProviderAccepted(provider)) return Expect(status, unauth, "OfferCall");
         if (!ProviderCovers(provider, device)) {
           return Expect(status, "LINEERR_BADDEVICEID", "OfferCall (not its device)");
@@ -969,10 +971,10 @@ class Harness {
       for (const v1::CallHandleEntry& entry : listed.calls()) {
         const uint8_t rights = RightsOf(a, entry.info().line_device_id());
         const uint8_t needed = entry.status().call_privilege() == v1::CALL_PRIVILEGE_MONITOR ? 4
-                               : entry.info().origin() == v1::CALL_ORIGIN_INBOUND     ? 2
-                                                                                        : 1;
-        CHECK_THAT((rights & needed) != 0, "isolation: app ", a, " (tenant ",
-                   model_.apps[a].tenant, ") holds handle ", entry.call_handle(), " on device ",
+                               : entry.info().origin() == v1::CALL_ORIGIN_INBOUND            ? 2
+                                                                                             : 1;
+        CHECK_THAT((rights & needed) != 0, "isolation: app ", a, " (tenant ", model_.apps[a].tenant,
+                   ") holds handle ", entry.call_handle(), " on device ",
                    entry.info().line_device_id(), " where its rights are ", int{rights});
       }
       for (const auto& [id, call] : model_.calls) {
@@ -982,8 +984,8 @@ class Harness {
           request.set_call_handle(h);
           v1::GetCallInfoResponse response;
           const absl::Status status = core_->GetCallInfo(model_.apps[a].token, request, &response);
-          CHECK_THAT(TapiErrorName(status) == "LINEERR_INVALCALLHANDLE", "app ", a,
-                     " reached app ", holder.app, "'s handle ", h, ": ", status.ToString());
+          CHECK_THAT(TapiErrorName(status) == "LINEERR_INVALCALLHANDLE", "app ", a, " reached app ",
+                     holder.app, "'s handle ", h, ": ", status.ToString());
         }
       }
     }

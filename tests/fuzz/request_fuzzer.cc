@@ -150,7 +150,8 @@ class World {
           v1::InitializeRequest request;
           (void)request.ParseFromArray(body, static_cast<int>(length));
           v1::InitializeResponse response;
-          if (core_.Initialize({}, request, &response).ok()) tokens_.push_back(response.app_token());
+          if (core_.Initialize({}, request, &response).ok())
+            tokens_.push_back(response.app_token());
           break;
         }
         case 15: {
