@@ -24,19 +24,8 @@ namespace {
 
 constexpr char kProviderToken[] = "e2e-provider-token";
 
-std::string HexSha256(absl::string_view key) {
-  const Sha256Digest digest = Sha256(key);
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string hex;
-  for (uint8_t byte : digest) {
-    hex.push_back(kDigits[byte >> 4]);
-    hex.push_back(kDigits[byte & 0xf]);
-  }
-  return hex;
-}
-
 std::string Tenant(const std::string& name, const std::string& key, int first, int last) {
-  return absl::StrCat("tenants {\n  name: \"", name, "\"\n  api_key_sha256: \"", HexSha256(key),
+  return absl::StrCat("tenants {\n  name: \"", name, "\"\n  api_key_sha256: \"", Sha256Hex(key),
                       "\"\n  devices { first: ", first, " last: ", last,
                       " privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, "
                       "DEVICE_PRIVILEGE_MONITOR] }\n}\n");
@@ -243,7 +232,7 @@ TEST_F(TenantsE2eTest, ReloadsAuditLinesAuthFailuresAndMetrics) {
   EXPECT_EQ(logged_or_suppressed, kFailures + 2u);
   // No key, nor its hash, is ever logged.
   for (const std::string& secret :
-       {std::string("alpha-key"), std::string("guess-1"), HexSha256("alpha-key"), alpha->token()}) {
+       {std::string("alpha-key"), std::string("guess-1"), Sha256Hex("alpha-key"), alpha->token()}) {
     EXPECT_FALSE(absl::StrContains(log, secret)) << secret;
   }
 }

@@ -51,17 +51,6 @@ auto Unavailable() {
   return IsRpcError(absl::StatusCode::kPermissionDenied, "LINEERR_OPERATIONUNAVAIL");
 }
 
-std::string HexSha256(absl::string_view key) {
-  const Sha256Digest digest = Sha256(key);
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string hex;
-  for (uint8_t byte : digest) {
-    hex.push_back(kDigits[byte >> 4]);
-    hex.push_back(kDigits[byte & 0xf]);
-  }
-  return hex;
-}
-
 // alpha: devices 0-3, every right; MONITOR on 4 too (it may watch beta's
 //        device 4), and a second key.
 // beta:  devices 4-7, every right; device 3 (alpha's) to place calls only.
@@ -74,8 +63,8 @@ std::string TenantsFile(bool with_beta = true, bool alpha_key2 = true, bool alph
 tenants {
   name: "alpha"
   api_key_sha256: ")",
-      HexSha256("alpha-key"), "\"\n",
-      alpha_key2 ? absl::StrCat("  api_key_sha256: \"", HexSha256("alpha-key-2"), "\"\n") : "",
+      Sha256Hex("alpha-key"), "\"\n",
+      alpha_key2 ? absl::StrCat("  api_key_sha256: \"", Sha256Hex("alpha-key-2"), "\"\n") : "",
       R"(  devices { first: 0 last: 3 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, DEVICE_PRIVILEGE_MONITOR] }
 )",
       alpha_monitors_4 ? "  devices { first: 4 last: 4 privileges: "
@@ -87,7 +76,7 @@ tenants {
 tenants {
   name: "beta"
   api_key_sha256: ")",
-                    HexSha256("beta-key"), R"("
+                    Sha256Hex("beta-key"), R"("
   devices { first: 4 last: 7 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER, DEVICE_PRIVILEGE_MONITOR] }
   devices { first: 3 last: 3 privileges: DEVICE_PRIVILEGE_NONE }
 }
@@ -97,14 +86,14 @@ tenants {
 tenants {
   name: "gamma"
   api_key_sha256: ")",
-                  HexSha256("gamma-key"), R"("
+                  Sha256Hex("gamma-key"), R"("
   devices { first: 8 last: 8 privileges: DEVICE_PRIVILEGE_MONITOR }
   quotas { max_apps: 2 max_lines_per_app: 1 }
 }
 tenants {
   name: "switch"
   api_key_sha256: ")",
-                  HexSha256("switch-key"), R"("
+                  Sha256Hex("switch-key"), R"("
   provider { devices { first: 0 last: 3 } }
 }
 )");
@@ -113,7 +102,7 @@ tenants {
 tenants {
   name: "delta"
   api_key_sha256: ")",
-                    HexSha256("delta-key"), R"("
+                    Sha256Hex("delta-key"), R"("
   devices { first: 9 last: 9 privileges: DEVICE_PRIVILEGE_NONE }
 }
 )");
@@ -221,7 +210,7 @@ TEST_F(TenantsServiceTest, InitializeNeedsATenantKey) {
   StartServer();
   EXPECT_THAT(Client("")->Initialize("nobody"), Uninitialized());
   EXPECT_THAT(Client("alpha-key-x")->Initialize("guess"), Uninitialized());
-  EXPECT_THAT(Client(HexSha256("alpha-key"))->Initialize("the hash is not the key"),
+  EXPECT_THAT(Client(Sha256Hex("alpha-key"))->Initialize("the hash is not the key"),
               Uninitialized());
   // An app token is no tenant key.
   auto alpha = NewApp("alpha-key");

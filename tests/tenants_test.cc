@@ -18,17 +18,6 @@ using ::testing::StartsWith;
 
 constexpr uint32_t kDevices = 300;
 
-std::string HexSha256(absl::string_view key) {
-  const Sha256Digest digest = Sha256(key);
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string hex;
-  for (uint8_t byte : digest) {
-    hex.push_back(kDigits[byte >> 4]);
-    hex.push_back(kDigits[byte & 0xf]);
-  }
-  return hex;
-}
-
 // The error message of parsing `text`, or "" if it parsed.
 std::string ErrorOf(const std::string& text) {
   absl::StatusOr<std::shared_ptr<const TenantDirectory>> parsed =
@@ -42,9 +31,9 @@ const std::string kGoodFile = absl::StrCat(R"(# callsession.config.v1.TenantsFil
 tenants {
   name: "billing"
   api_key_sha256: ")",
-                                           HexSha256("billing-key"), R"("
+                                           Sha256Hex("billing-key"), R"("
   api_key_sha256: ")",
-                                           HexSha256("billing-key-2"), R"("
+                                           Sha256Hex("billing-key-2"), R"("
   client_identities { uri: "spiffe://example.org/billing" }
   client_identities { subject: "CN=billing,O=Example" }
   devices { first: 0 last: 99 privileges: [DEVICE_PRIVILEGE_NONE, DEVICE_PRIVILEGE_OWNER] }
@@ -66,7 +55,7 @@ TEST(TenantsTest, AGoodFileMeansWhatItSays) {
   ASSERT_THAT(parsed, IsOk());
   const TenantDirectory& directory = **parsed;
   ASSERT_EQ(directory.tenants().size(), 2u);
-  EXPECT_EQ(directory.sha256(), HexSha256(kGoodFile));
+  EXPECT_EQ(directory.sha256(), Sha256Hex(kGoodFile));
 
   const Tenant* billing = directory.Find("billing");
   ASSERT_NE(billing, nullptr);
@@ -106,7 +95,7 @@ TEST(TenantsTest, CredentialsNameOneTenant) {
   absl::StatusOr<TenantMatch> by_key = directory->Identify(Credentials("billing-key-2"), &failure);
   ASSERT_THAT(by_key, IsOk());
   EXPECT_EQ(by_key->tenant, billing);
-  EXPECT_EQ(by_key->credential, absl::StrCat("api_key:", HexSha256("billing-key-2")));
+  EXPECT_EQ(by_key->credential, absl::StrCat("api_key:", Sha256Hex("billing-key-2")));
   EXPECT_TRUE(billing->HasCredential(by_key->credential));
 
   Credentials certificate;
@@ -121,7 +110,7 @@ TEST(TenantsTest, CredentialsNameOneTenant) {
   both.identities = {"uri:spiffe://example.org/billing"};
   absl::StatusOr<TenantMatch> agreed = directory->Identify(both, &failure);
   ASSERT_THAT(agreed, IsOk());
-  EXPECT_EQ(agreed->credential, absl::StrCat("api_key:", HexSha256("billing-key")));
+  EXPECT_EQ(agreed->credential, absl::StrCat("api_key:", Sha256Hex("billing-key")));
 
   auto refused = [&](const Credentials& credentials, AuthFailure why) {
     failure = AuthFailure::kMissingCredential;
@@ -132,7 +121,7 @@ TEST(TenantsTest, CredentialsNameOneTenant) {
   refused(Credentials(), AuthFailure::kMissingCredential);
   refused(Credentials("billing-key "), AuthFailure::kUnknownApiKey);
   // The hash is not the key.
-  refused(Credentials(HexSha256("billing-key")), AuthFailure::kUnknownApiKey);
+  refused(Credentials(Sha256Hex("billing-key")), AuthFailure::kUnknownApiKey);
   Credentials stranger;
   stranger.identities = {"subject:CN=billing"};  // not the configured subject
   refused(stranger, AuthFailure::kUnknownClientIdentity);
@@ -156,7 +145,7 @@ TEST(TenantsTest, AnEmptyFileHasNoTenants) {
 }
 
 TEST(TenantsTest, EachMistakeIsRefusedNamingItsLine) {
-  const std::string key = HexSha256("k");
+  const std::string key = Sha256Hex("k");
   struct Case {
     const char* what;
     std::string text;

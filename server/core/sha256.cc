@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <memory>
 
+#include "absl/strings/escaping.h"
+
 namespace callsession {
 namespace {
 
@@ -34,6 +36,12 @@ Sha256Digest Sha256(absl::string_view data) {
     std::abort();  // only on allocation failure inside libcrypto
   }
   return digest;
+}
+
+std::string Sha256Hex(absl::string_view data) {
+  const Sha256Digest digest = Sha256(data);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest.data()), digest.size()));
 }
 
 bool ConstantTimeEquals(const uint8_t* a, const uint8_t* b, size_t size) {

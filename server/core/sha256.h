@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "absl/strings/string_view.h"
 
@@ -15,6 +16,9 @@ using Sha256Digest = std::array<uint8_t, 32>;
 
 // Thread-safe; about 100 ns for a short input.
 Sha256Digest Sha256(absl::string_view data);
+
+// Sha256(data) as 64 lowercase hex digits, as `sha256sum` prints it.
+std::string Sha256Hex(absl::string_view data);
 
 // Compares without an early exit, so the time taken does not tell an
 // attacker how much of a guess was right.

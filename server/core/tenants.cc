@@ -27,17 +27,6 @@ constexpr size_t kMaxNameLength = 63;
 constexpr size_t kMaxIdentityLength = 1024;
 constexpr size_t kMaxFileBytes = 64 << 20;
 
-std::string Hex(absl::string_view bytes) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(2 * bytes.size());
-  for (unsigned char c : bytes) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 0xf]);
-  }
-  return out;
-}
-
 // The 32 raw bytes of 64 hex digits (either case), or nullopt.
 std::optional<std::string> ParseSha256Hex(absl::string_view hex) {
   if (hex.size() != 64) return std::nullopt;
@@ -251,8 +240,7 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
   const Places places(&tree);
 
   std::shared_ptr<TenantDirectory> directory(new TenantDirectory());
-  const Sha256Digest digest = Sha256(text);
-  directory->sha256_ = Hex(absl::string_view(reinterpret_cast<const char*>(digest.data()), 32));
+  directory->sha256_ = Sha256Hex(text);
   // Where each credential was first seen, for duplicate errors.
   absl::flat_hash_map<std::string, std::pair<std::string, int>> seen_credentials;
   absl::flat_hash_map<std::string, int> seen_names;
@@ -295,9 +283,10 @@ absl::StatusOr<std::shared_ptr<const TenantDirectory>> TenantDirectory::Parse(
                        "api_key_sha256 must be 64 hex digits (the key's SHA-256, as "
                        "`printf %s \"$KEY\" | sha256sum` prints it)");
       }
-      const std::string credential = absl::StrCat("api_key:", Hex(*raw));
-      if (absl::Status claimed = claim(credential, absl::StrCat("api_key_sha256 ", Hex(*raw)),
-                                       place, in_tenant.Line(config, "api_key_sha256", k));
+      const std::string credential = absl::StrCat("api_key:", absl::BytesToHexString(*raw));
+      if (absl::Status claimed =
+              claim(credential, absl::StrCat("api_key_sha256 ", absl::BytesToHexString(*raw)),
+                    place, in_tenant.Line(config, "api_key_sha256", k));
           !claimed.ok()) {
         return claimed;
       }
@@ -436,7 +425,7 @@ absl::StatusOr<TenantMatch> TenantDirectory::Identify(const Credentials& credent
     auto it = by_key_sha256_.find(raw);
     // The lookup compares hashes of the key, which tell nothing about it.
     if (it == by_key_sha256_.end()) return fail(AuthFailure::kUnknownApiKey, "unknown API key");
-    by_key = {it->second, absl::StrCat("api_key:", Hex(raw))};
+    by_key = {it->second, absl::StrCat("api_key:", absl::BytesToHexString(raw))};
   }
   TenantMatch by_certificate;
   for (const std::string& identity : credentials.identities) {

@@ -232,23 +232,13 @@ struct Model {
 
 // ---------------------------------------------------------------------------
 
-std::string HexSha256(absl::string_view text) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string hex;
-  for (uint8_t byte : Sha256(text)) {
-    hex.push_back(kDigits[byte >> 4]);
-    hex.push_back(kDigits[byte & 0xf]);
-  }
-  return hex;
-}
-
 // The tenants file of kConfigs[config].
 std::string ConfigText(const TenantsConfig& config) {
   auto tenant = [](const char* name, std::vector<const char*> keys, const uint8_t* rights,
                    const std::string& quotas) {
     std::string text = absl::StrCat("tenants {\n  name: \"", name, "\"\n");
     for (const char* key : keys)
-      absl::StrAppend(&text, "  api_key_sha256: \"", HexSha256(key), "\"\n");
+      absl::StrAppend(&text, "  api_key_sha256: \"", Sha256Hex(key), "\"\n");
     for (uint32_t device = 0; device < kDevices; ++device) {
       if (rights[device] == 0) continue;
       absl::StrAppend(&text, "  devices { first: ", device, " last: ", device, " privileges: [");
@@ -284,7 +274,7 @@ std::string ConfigText(const TenantsConfig& config) {
                                ? absl::StrCat("  quotas { max_apps: ", config.t1_max_apps, " }\n")
                                : ""));
   }
-  absl::StrAppend(&text, "tenants {\n  name: \"p\"\n  api_key_sha256: \"", HexSha256("key-p"),
+  absl::StrAppend(&text, "tenants {\n  name: \"p\"\n  api_key_sha256: \"", Sha256Hex("key-p"),
                   "\"\n  provider { devices { first: 0 last: 1 } }\n}\n");
   return text;
 }
