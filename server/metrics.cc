@@ -315,8 +315,12 @@ class CoreCollector final : public prometheus::Collectable {
     if (stats.journaled) {
       add("callsession_journal_entries_total", "Journal entries appended (one per change).",
           stats.journal.entries, true);
-      add("callsession_journal_batches_total",
-          "Atomic journal writes (group commits), each synced once.", stats.journal.batches, true);
+      add("callsession_journal_batches_total", "Atomic journal writes (group commits).",
+          stats.journal.batches, true);
+      add("callsession_journal_syncs_total",
+          "Syncs of the journal to stable storage, each covering every write before it (none "
+          "with --sync=false).",
+          stats.journal.syncs, true);
       add("callsession_journal_bytes_total", "Bytes of journal batches written.",
           stats.journal.bytes, true);
     }

@@ -184,6 +184,8 @@ class EtcdJournal final : public Journal {
     JournalStats stats;
     stats.entries = appended_.load(std::memory_order_relaxed);
     stats.batches = batches_.load(std::memory_order_relaxed);
+    // Each Txn is durable on a quorum when it returns.
+    stats.syncs = stats.batches;
     stats.bytes = bytes_.load(std::memory_order_relaxed);
     return stats;
   }
