@@ -1,6 +1,6 @@
 // A RocksDB file system, for tests, whose write-ahead-log syncs can be held
-// open (until released) or made to fail: the journal's durability contract
-// seen from the disk's side.
+// open (until released) or made to fail, and whose memtable flushes can be
+// held: the journal's durability contract seen from the disk's side.
 #ifndef CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 #define CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 
@@ -32,6 +32,21 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
     absl::MutexLock lock(&mu_);
     held_ = false;
   }
+  // From now on, creating a table file (a memtable flush) waits until
+  // ReleaseTableFiles(): writes then stall once the memtables are full.
+  void HoldTableFiles() {
+    absl::MutexLock lock(&mu_);
+    tables_held_ = true;
+  }
+  void ReleaseTableFiles() {
+    absl::MutexLock lock(&mu_);
+    tables_held_ = false;
+  }
+  // Table files waiting in HoldTableFiles.
+  int tables_waiting() {
+    absl::MutexLock lock(&mu_);
+    return tables_waiting_;
+  }
   // From now on, WAL syncs fail with an I/O error.
   void FailSyncs() {
     absl::MutexLock lock(&mu_);
@@ -50,6 +65,13 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
   rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
                                     std::unique_ptr<rocksdb::FSWritableFile>* result,
                                     rocksdb::IODebugContext* debug) override {
+    if (absl::EndsWith(name, ".sst")) {
+      absl::MutexLock lock(&mu_);
+      ++tables_waiting_;
+      mu_.Await(absl::Condition(
+          +[](bool* held) { return !*held; }, &tables_held_));
+      --tables_waiting_;
+    }
     rocksdb::IOStatus status = target()->NewWritableFile(name, options, result, debug);
     if (status.ok() && absl::EndsWith(name, ".log")) {
       *result = std::make_unique<WalFile>(std::move(*result), this);
@@ -91,6 +113,8 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
   absl::Mutex mu_;
   bool held_ ABSL_GUARDED_BY(mu_) = false;
   bool failing_ ABSL_GUARDED_BY(mu_) = false;
+  bool tables_held_ ABSL_GUARDED_BY(mu_) = false;
+  int tables_waiting_ ABSL_GUARDED_BY(mu_) = 0;
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   int syncs_ ABSL_GUARDED_BY(mu_) = 0;
 };

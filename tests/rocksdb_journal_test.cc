@@ -1,0 +1,241 @@
+// The RocksDB journal's group commit, driven directly: callbacks run once
+// and only after their entry is durable, whichever thread writes; nothing
+// is durable before its sync; no caller blocks on a write stall; changes
+// made outside RPCs are written without any caller's help; everything
+// acknowledged is in the store when it is opened again.
+#include "server/storage/rocksdb/rocksdb_journal.h"
+
+#include <atomic>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "gtest/gtest.h"
+#include "rocksdb/env.h"
+#include "server/core/journal.h"
+#include "tests/sync_fault_fs.h"
+
+namespace callsession {
+namespace {
+
+// WhenDurable's callers may hold locks its callbacks take: a callback must
+// never run inside the call.
+thread_local bool inside_when_durable = false;
+
+class RocksDbJournalTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "rocksdb_journal_test_" +
+           std::to_string(reinterpret_cast<uintptr_t>(this)) + "_" +
+           std::to_string(absl::ToUnixNanos(absl::Now()));
+  }
+  void TearDown() override {
+    fs_->Release();
+    fs_->ReleaseTableFiles();
+    journal_.reset();
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+  }
+
+  bool sync() const { return GetParam(); }
+
+  Journal& Open(size_t memtable_bytes = kRocksDbMemtableBytes) {
+    RocksDbJournalOptions options;
+    options.data_dir = dir_;
+    options.sync = sync();
+    options.env = env_.get();
+    options.memtable_bytes = memtable_bytes;
+    auto journal = OpenRocksDbJournal(options);
+    EXPECT_TRUE(journal.ok()) << journal.status();
+    journal_ = std::move(*journal);
+    return *journal_;
+  }
+
+  // The records in the store, opened afresh.
+  std::vector<std::string> Reopen() {
+    journal_.reset();
+    Journal& journal = Open();
+    std::vector<std::string> keys;
+    EXPECT_TRUE(journal
+                    .Load([&](absl::string_view key, absl::string_view) {
+                      keys.emplace_back(key);
+                      return absl::OkStatus();
+                    })
+                    .ok());
+    return keys;
+  }
+
+  static uint64_t Put(Journal& journal, const std::string& key, size_t value_bytes = 16) {
+    return journal.Append(
+        [&](JournalWriter& writer, uint64_t) { writer.Put(key, std::string(value_bytes, 'v')); });
+  }
+
+  std::string dir_;
+  std::shared_ptr<SyncFaultFileSystem> fs_ = std::make_shared<SyncFaultFileSystem>();
+  std::unique_ptr<rocksdb::Env> env_ = rocksdb::NewCompositeEnv(fs_);
+  std::unique_ptr<Journal> journal_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Sync, RocksDbJournalTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Sync" : "NoSync"; });
+
+TEST_P(RocksDbJournalTest, EveryCallbackRunsOnceAfterItsEntryIsDurable) {
+  Journal& journal = Open();
+  constexpr int kThreads = 4;
+  constexpr int kEntries = 3000;
+  const uint64_t total = kThreads * kEntries;
+  // Indexed by position (1..total).
+  std::vector<std::atomic<int>> runs(total + 1);
+  std::atomic<int> early{0};
+  std::atomic<int> inside_call{0};
+  std::atomic<int> registered{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kEntries; ++i) {
+        const uint64_t position = Put(journal, absl::StrCat("k/", t, "/", i));
+        auto done = [&, position] {
+          if (journal.durable_position() < position) early.fetch_add(1);
+          if (inside_when_durable) inside_call.fetch_add(1);
+          runs[position].fetch_add(1);
+        };
+        switch (i % 4) {
+          case 0:  // a change made outside an RPC: nobody waits, nobody lends a thread
+            break;
+          case 1:  // an event waiting for its entry
+            registered.fetch_add(1);
+            inside_when_durable = true;
+            journal.WhenDurable(position, done);
+            inside_when_durable = false;
+            break;
+          default:  // an RPC's reply
+            registered.fetch_add(1);
+            journal.WhenDurableOnCaller(position, done);
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+
+  // Everything appended becomes durable, the unwaited entries included,
+  // without another caller.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (journal.durable_position() < total && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(journal.durable_position(), total);
+  int ran = 0;
+  while (absl::Now() < deadline) {
+    ran = 0;
+    for (const auto& count : runs) ran += count.load();
+    if (ran == registered.load()) break;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(ran, registered.load());
+  for (uint64_t position = 1; position <= total; ++position) {
+    ASSERT_LE(runs[position].load(), 1) << "a callback ran twice, position " << position;
+  }
+  EXPECT_EQ(early.load(), 0) << "callbacks ran before their entry was durable";
+  EXPECT_EQ(inside_call.load(), 0) << "WhenDurable ran a callback inside the call";
+  const JournalStats stats = journal.Stats();
+  EXPECT_EQ(stats.entries, total);
+  EXPECT_GE(stats.batches, 1u);
+  EXPECT_LE(stats.batches, total);
+  if (sync()) {
+    EXPECT_GE(stats.syncs, 1u);
+  } else {
+    EXPECT_EQ(stats.syncs, 0u);
+  }
+
+  EXPECT_EQ(Reopen().size(), total);
+}
+
+TEST_P(RocksDbJournalTest, NothingIsDurableBeforeItsSyncAndNoCallerWaitsForIt) {
+  if (!sync()) GTEST_SKIP() << "without sync a write is durable at once";
+  Journal& journal = Open();
+  const uint64_t first = Put(journal, "before");
+  absl::Notification first_durable;
+  journal.WhenDurableOnCaller(first, [&] { first_durable.Notify(); });
+  ASSERT_TRUE(first_durable.WaitForNotificationWithTimeout(absl::Seconds(10)));
+
+  fs_->Hold();
+  const uint64_t held = Put(journal, "held");
+  absl::Notification durable;
+  absl::Notification returned;
+  std::thread caller([&] {
+    journal.WhenDurableOnCaller(held, [&] { durable.Notify(); });
+    returned.Notify();
+  });
+  EXPECT_TRUE(returned.WaitForNotificationWithTimeout(absl::Seconds(10)))
+      << "the caller waited for the sync";
+  for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
+  ASSERT_GT(fs_->waiting(), 0) << "the journal never reached its sync";
+  EXPECT_FALSE(durable.WaitForNotificationWithTimeout(absl::Milliseconds(200)));
+  EXPECT_LT(journal.durable_position(), held);
+
+  fs_->Release();
+  EXPECT_TRUE(durable.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_GE(journal.durable_position(), held);
+  caller.join();
+}
+
+TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksTheCaller) {
+  // Two 64 KiB memtables and no flush: writes stop after about 128 KiB.
+  Journal& journal = Open(64 << 10);
+  fs_->HoldTableFiles();
+  constexpr int kEntries = 400;  // 400 KiB
+  std::atomic<int> durable{0};
+  absl::Notification all_returned;
+  std::thread caller([&] {
+    for (int i = 0; i < kEntries; ++i) {
+      const uint64_t position = Put(journal, absl::StrCat("big/", i), 1024);
+      journal.WhenDurableOnCaller(position, [&] { durable.fetch_add(1); });
+    }
+    all_returned.Notify();
+  });
+  const bool returned = all_returned.WaitForNotificationWithTimeout(absl::Seconds(20));
+  EXPECT_TRUE(returned) << "a caller blocked on the write stall";
+  EXPECT_GT(fs_->tables_waiting(), 0) << "no flush was held: the test proves nothing";
+  EXPECT_LT(durable.load(), kEntries) << "every entry was written despite the stall";
+
+  fs_->ReleaseTableFiles();
+  caller.join();
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (durable.load() < kEntries && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  EXPECT_EQ(durable.load(), kEntries);
+  EXPECT_EQ(Reopen().size(), static_cast<size_t>(kEntries));
+}
+
+TEST_P(RocksDbJournalTest, AChangeMadeOutsideAnRpcBecomesDurableWithoutHelp) {
+  Journal& journal = Open();
+  // Idle journal first, then busy: both paths of the journal thread.
+  for (int round = 0; round < 3; ++round) {
+    const uint64_t position = Put(journal, absl::StrCat("lease-expiry/", round));
+    absl::Notification durable;
+    journal.WhenDurable(position, [&] { durable.Notify(); });
+    EXPECT_TRUE(durable.WaitForNotificationWithTimeout(absl::Seconds(5))) << "round " << round;
+  }
+}
+
+TEST_P(RocksDbJournalTest, ClosingWritesAndRunsEverythingPending) {
+  Journal& journal = Open();
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 100; ++i) {
+    const uint64_t position = Put(journal, absl::StrCat("k/", i));
+    journal.WhenDurable(position, [&] { ran.fetch_add(1); });
+  }
+  journal_.reset();
+  EXPECT_EQ(ran.load(), 100);
+  EXPECT_EQ(Reopen().size(), 100u);
+}
+
+}  // namespace
+}  // namespace callsession
