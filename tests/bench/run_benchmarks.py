@@ -416,6 +416,8 @@ def durability():
                     metric(server.metrics_port, "callsession_journal_bytes_total") / calls)
                 report["journal_batches_per_lifecycle"] = (
                     metric(server.metrics_port, "callsession_journal_batches_total") / calls)
+                report["journal_syncs_per_lifecycle"] = (
+                    metric(server.metrics_port, "callsession_journal_syncs_total") / calls)
                 report["disk_bytes_per_lifecycle"] = (
                     (written_bytes(server.process.pid) - before) / calls)
                 runs[name].append(report)
@@ -430,6 +432,7 @@ def durability():
                            "journal_bytes_per_lifecycle": middle["journal_bytes_per_lifecycle"],
                            "journal_batches_per_lifecycle":
                                middle["journal_batches_per_lifecycle"],
+                           "journal_syncs_per_lifecycle": middle["journal_syncs_per_lifecycle"],
                            "disk_bytes_per_lifecycle": middle["disk_bytes_per_lifecycle"]}
     for name in ("rocksdb-sync", "rocksdb-nosync"):
         lifecycle[name]["ratio"] = statistics.median(
@@ -812,20 +815,23 @@ def durability_and_targets(r, lines):
                   "flight; the ratio is the median of per-run ratios to the memory store run "
                   "beside it.", "",
                   "| store | lifecycles/s | vs memory | RPC | p50 us | p99 us | journal bytes "
-                  "per lifecycle | disk bytes per lifecycle | lifecycles per sync |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+                  "per lifecycle | disk bytes per lifecycle | lifecycles per write | "
+                  "lifecycles per sync |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for name, l in d["lifecycle"].items():
             first = True
             for rpc, p in l["rpcs"].items():
                 if first:
                     ratio = f"{l['ratio']:.2f}" if "ratio" in l else "1.00"
                     batches = l["journal_batches_per_lifecycle"]
-                    per_sync = f"{1 / batches:.1f}" if batches else ""
+                    syncs = l.get("journal_syncs_per_lifecycle", 0)
+                    per_write = f"{1 / batches:.1f}" if batches else ""
+                    per_sync = f"{1 / syncs:.1f}" if syncs else ""
                     lead = (f"| {name} | {l['lifecycles_per_second']:,.0f} | {ratio} ")
                     tail = (f"| {l['journal_bytes_per_lifecycle']:,.0f} | "
-                            f"{l['disk_bytes_per_lifecycle']:,.0f} | {per_sync} |")
+                            f"{l['disk_bytes_per_lifecycle']:,.0f} | {per_write} | {per_sync} |")
                 else:
-                    lead, tail = "| | | ", "| | | |"
+                    lead, tail = "| | | ", "| | | | |"
                 lines.append(f"{lead}| {rpc} | {p['p50_us']:.0f} | {p['p99_us']:.0f} {tail}")
                 first = False
         rec = d["recovery"]
