@@ -1632,7 +1632,7 @@ void CallSessionCore::WhenChangesDurable(absl::AnyInvocable<void() &&> done) {
   // Read after the change: covers it and anything it depended on.
   const uint64_t barrier = journal_->appended_position();
   if (barrier <= journal_->durable_position()) return std::move(done)();
-  journal_->WhenDurableOnCaller(barrier, std::move(done));
+  journal_->WhenDurable(barrier, std::move(done));
 }
 
 absl::Status CallSessionCore::Checkpoint(const std::string& dir) {

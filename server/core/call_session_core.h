@@ -256,12 +256,10 @@ class CallSessionCore {
   absl::StatusOr<RecoveryCounts> Recover();
 
   // Runs `done` once every change made so far, by any thread, is durable:
-  // at once (on this thread) without a journal or if they already are;
-  // otherwise later, on a journal thread or on another RPC's thread. May
-  // write the journal on this thread (Journal::WhenDurableOnCaller), and
-  // run other RPCs' `done`, but never waits on a sync. A mutating RPC calls
-  // this after the core returned, and replies from `done`. Must not be
-  // called with a core lock held.
+  // at once (on this thread) without a journal or if they already are,
+  // otherwise on the journal's writer thread. A mutating RPC calls this
+  // after the core returned, and replies from `done`. Must not be called
+  // with a core lock held.
   void WhenChangesDurable(absl::AnyInvocable<void() &&> done);
 
   // Writes a consistent copy of the stored state to `dir` (see

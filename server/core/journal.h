@@ -19,7 +19,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/functional/function_ref.h"
@@ -53,9 +52,8 @@ struct JournalStats {
   uint64_t syncs = 0;    // syncs to stable storage (each covers every write before it)
 };
 
-// Told about each batch once it is durable (for metrics). Called on
-// whichever thread made it durable (an RPC's or a journal thread), under a
-// journal lock: must be cheap and must not block.
+// Told about each batch once it is durable (for metrics). Called on the
+// journal's writer thread; must not block.
 class JournalObserver {
  public:
   virtual ~JournalObserver() = default;
@@ -87,20 +85,10 @@ class Journal {
   virtual uint64_t appended_position() const = 0;
   virtual uint64_t durable_position() const = 0;
 
-  // Runs `done` once the entry at `position` is durable, never on the
-  // calling thread (which may hold locks `done` takes): on a journal thread,
-  // or on a thread inside WhenDurableOnCaller. `done` must not block. Any
-  // thread.
+  // Runs `done` once the entry at `position` is durable, on a journal
+  // thread: never on the calling thread, which may hold locks `done` takes.
+  // `done` must not block. Any thread.
   virtual void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) = 0;
-
-  // WhenDurable for a caller that holds no lock and lends its thread (an
-  // RPC's, after its change): the engine may write what is pending on it,
-  // and run callbacks that are due (`done`, at once if already durable, and
-  // other waiters') before returning. It never waits on a sync there.
-  // Default: WhenDurable.
-  virtual void WhenDurableOnCaller(uint64_t position, absl::AnyInvocable<void() &&> done) {
-    WhenDurable(position, std::move(done));
-  }
 
   // Writes a consistent copy of the stored records (a prefix of the
   // journal) to the directory `dir`, which must not exist yet; it can be

@@ -4,18 +4,26 @@ GetCallInfo under h2load (4 connections x 16 streams, 200,000 requests) and
 callsession-loadgen's lifecycle scenario (64 in flight, 6 s). Prints each
 median and the median of the per-pair ratios (new / old).
 
-    compare_builds.py OLD_CALLSESSIOND NEW_BUILD_DIR [PAIRS]
+    compare_builds.py OLD_CALLSESSIOND NEW_BUILD_DIR [PAIRS] [--journal]
 
 NEW_BUILD_DIR provides callsessiond, callctl and callsession-loadgen. An old
 build from before --store existed is run without it.
-"""
-import json, re, socket, statistics, subprocess, sys, time
 
-OLD = sys.argv[1]
-NEW = f"{sys.argv[2]}/server/callsessiond"
-CTL = f"{sys.argv[2]}/client/callctl"
-LOADGEN = f"{sys.argv[2]}/client/callsession-loadgen"
-PAIRS = int(sys.argv[3]) if len(sys.argv) > 3 else 7
+With --journal it compares the two builds' RocksDB journals instead: for
+--sync=true and --sync=false, triples of lifecycle runs (the new build's
+memory store, the old build's journal, the new build's journal), each in a
+fresh data directory, and prints each journal's median ratio to the memory
+run of its triple.
+"""
+import json, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+OLD = ARGS[0]
+NEW = f"{ARGS[1]}/server/callsessiond"
+CTL = f"{ARGS[1]}/client/callctl"
+LOADGEN = f"{ARGS[1]}/client/callsession-loadgen"
+PAIRS = int(ARGS[2]) if len(ARGS) > 2 else 7
+JOURNAL = "--journal" in sys.argv
 
 
 def free_port():
@@ -85,6 +93,30 @@ def lifecycle(binary, extra):
         process.terminate()
         process.wait()
 
+
+def compare_journals():
+    data = tempfile.mkdtemp(prefix="compare-builds-")
+    try:
+        for sync in ("true", "false"):
+            old_ratios, new_ratios = [], []
+            for i in range(PAIRS):
+                memory = lifecycle(NEW, ["--store=memory"])
+                flags = lambda name: ["--store=rocksdb", f"--data_dir={data}/{name}-{i}-{sync}",
+                                      f"--sync={sync}"]
+                old_ratios.append(lifecycle(OLD, flags("old")) / memory)
+                new_ratios.append(lifecycle(NEW, flags("new")) / memory)
+            print(f"lifecycles, rocksdb --sync={sync} / memory: "
+                  f"old {statistics.median(old_ratios):.2f} "
+                  f"({', '.join(f'{r:.2f}' for r in old_ratios)}), "
+                  f"new {statistics.median(new_ratios):.2f} "
+                  f"({', '.join(f'{r:.2f}' for r in new_ratios)})")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if JOURNAL:
+    compare_journals()
+    sys.exit(0)
 
 new_flags = ["--store=memory"]
 # An old build that has --store runs on the memory store too (not in a

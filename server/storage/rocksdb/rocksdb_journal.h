@@ -3,12 +3,13 @@
 // and SST files are the snapshot; this adapter adds group commit and
 // fail-stop on top.
 //
-// Group commit: Append only queues an entry (it never blocks on I/O). The
-// RPC thread that then finds no write under way writes everything queued
-// as one atomic WriteBatch, in append order, and, with sync=false, sends
-// the replies that made durable itself; with sync=true a journal thread
-// syncs the log once per round of writes and a notifier thread sends the
-// replies (no RPC thread waits on a sync). With sync=false the log is
+// Group commit: Append only queues an entry (it never blocks on I/O). Two
+// threads take turns as the writer: the writer takes everything queued,
+// writes it as one atomic WriteBatch, syncs the log once (with `sync`),
+// marks it durable, passes the writer's turn to the other thread, and then
+// runs the WhenDurable callbacks waiting for it (the gRPC replies, event
+// stream wake-ups) while the other writes the next batch. Batches are
+// written one after another, in append order. With sync=false the log is
 // written to the OS but not synced: it survives the process being killed,
 // not a power loss.
 //
