@@ -19,7 +19,8 @@ server, redis-server) and runs, in order:
   5. durability: this machine's fsync latency; GetCallInfo on the RocksDB
      store vs the memory store (h2load, alternating); lifecycle throughput
      and latency on memory, RocksDB --sync=true and --sync=false (alternating
-     triples); bytes written per lifecycle; recovery of 1e6 live calls
+     triples), then the same with callsessiond and the load generator
+     pinned to one CPU each; bytes written per lifecycle; recovery of 1e6 live calls
      (time, RSS before the kill and after), the data directory's size, and
      the space given back once every call is deallocated.
   6. tenants: GetCallInfo with a 1,000-tenant file vs open mode.
@@ -109,9 +110,14 @@ class Server:
             self.process.kill()
 
 
-def callsessiond(extra=(), store=("--store=memory",), log_level="warning", stderr=None):
+def pinned(cpu):
+    """The argv prefix that runs a program on one CPU (None: anywhere)."""
+    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
+def callsessiond(extra=(), store=("--store=memory",), log_level="warning", stderr=None, cpu=None):
     env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": log_level}
-    return Server([f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
+    return Server([*pinned(cpu), f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
                    "--shutdown_grace=1s",
                    # Leases stay on (their per-RPC cost is measured), long
                    # enough that set-up apps outlive the idle phases.
@@ -251,9 +257,9 @@ def transport_and_redis():
 
 # --- 3. loadgen ------------------------------------------------------------------
 
-def loadgen(port, scenario, *extra):
+def loadgen(port, scenario, *extra, cpu=None):
     out = os.path.join(OUT, f"loadgen-{scenario}-{len(results['loadgen'])}.json")
-    argv = [f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{port}",
+    argv = [*pinned(cpu), f"{BUILD}/client/callsession-loadgen", f"--server=127.0.0.1:{port}",
             f"--scenario={scenario}", f"--duration={LOAD_SECONDS}", "--warmup=1s",
             f"--provider_token={TOKEN}", f"--json={out}", *extra]
     text = run(argv).stdout
@@ -348,6 +354,24 @@ def written_bytes(pid):
         return int(re.search(r"^write_bytes: (\d+)", f.read(), re.M).group(1))
 
 
+def cpu_jiffies():
+    """Per CPU: (busy, total) jiffies from /proc/stat."""
+    jiffies = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                values = [int(v) for v in fields]
+                idle = values[3] + values[4]  # idle + iowait
+                jiffies.append((sum(values) - idle, sum(values)))
+    return jiffies
+
+
+def cpu_busy(before, after):
+    """Per CPU: the fraction of the time between two cpu_jiffies() it was busy."""
+    return [(b1 - b0) / max(t1 - t0, 1) for (b0, t0), (b1, t1) in zip(before, after)]
+
+
 def directory_bytes(path):
     """(bytes of the files, bytes allocated on disk): RocksDB preallocates its
     log file, which du counts and ls does not."""
@@ -439,6 +463,34 @@ def durability():
             r["lifecycles_per_second"] / m["lifecycles_per_second"]
             for r, m in zip(runs[name], runs["memory"]))
     d["lifecycle"] = lifecycle
+
+    if (os.cpu_count() or 1) >= 2:
+        log(f"loadgen lifecycle, {CONCURRENCY} in flight, callsessiond on CPU 1 and the load "
+            "generator on CPU 0: memory, RocksDB sync, RocksDB no sync, alternating")
+        runs = {name: [] for name in STORES}
+        for _ in range(max(REPEATS, 5) if not QUICK else 1):
+            for name in STORES:
+                server = durable_server(data, name, cpu=1)
+                try:
+                    before = cpu_jiffies()
+                    report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
+                                     "--channels=4", cpu=0)
+                    report["busy"] = cpu_busy(before, cpu_jiffies())
+                    runs[name].append(report)
+                finally:
+                    server.stop()
+        pinned_lifecycle = {}
+        for name, reports in runs.items():
+            pinned_lifecycle[name] = {
+                "lifecycles_per_second": statistics.median(
+                    r["lifecycles_per_second"] for r in reports),
+                "runs": [r["lifecycles_per_second"] for r in reports],
+                "load_generator_cpu_busy": statistics.median(r["busy"][0] for r in reports),
+                "server_cpu_busy": statistics.median(r["busy"][1] for r in reports),
+                "ratio": statistics.median(
+                    r["lifecycles_per_second"] / m["lifecycles_per_second"]
+                    for r, m in zip(reports, runs["memory"]))}
+        d["lifecycle_pinned"] = pinned_lifecycle
 
     log(f"recovery of {RECOVERY_CALLS} live calls")
     store = f"{data}/recovery"
@@ -735,10 +787,16 @@ def durability_targets(t):
     d = results["durability"]
     if d:
         t["GetCallInfo RocksDB store vs memory store >= 0.95"] = d["get_call_info"]["ratio"]
-        t["lifecycle RocksDB --sync=true vs memory >= 0.75"] = \
+        t["lifecycle RocksDB --sync=true vs memory >= 0.75 (all on 2 shared cores)"] = \
             d["lifecycle"]["rocksdb-sync"]["ratio"]
-        t["lifecycle RocksDB --sync=false vs memory >= 0.85"] = \
+        t["lifecycle RocksDB --sync=false vs memory >= 0.85 (all on 2 shared cores)"] = \
             d["lifecycle"]["rocksdb-nosync"]["ratio"]
+        if "lifecycle_pinned" in d:
+            p = d["lifecycle_pinned"]
+            t["lifecycle RocksDB --sync=true vs memory >= 0.75 (server and client 1 core each)"] = \
+                p["rocksdb-sync"]["ratio"]
+            t["lifecycle RocksDB --sync=false vs memory >= 0.85 (server and client 1 core each)"] = \
+                p["rocksdb-nosync"]["ratio"]
         r = d["recovery"]
         t[f"recovery of {r['calls']} live calls, seconds <= 5"] = r["recovered"]["seconds"]
         t["RSS after recovery / before the kill <= 1.1"] = r["rss_ratio"]
@@ -834,6 +892,15 @@ def durability_and_targets(r, lines):
                     lead, tail = "| | | ", "| | | | |"
                 lines.append(f"{lead}| {rpc} | {p['p50_us']:.0f} | {p['p99_us']:.0f} {tail}")
                 first = False
+        if "lifecycle_pinned" in d:
+            lines += ["", "The same, with callsessiond on CPU 1 and the load generator on CPU 0 "
+                      "(`taskset`): the server's own cost, as with a client on another host. "
+                      "CPU busy: the median share of the run each CPU was not idle.", "",
+                      "| store | lifecycles/s | vs memory | load generator's CPU busy | "
+                      "server's CPU busy |", "|---|---:|---:|---:|---:|"]
+            for name, p in d["lifecycle_pinned"].items():
+                lines.append(f"| {name} | {p['lifecycles_per_second']:,.0f} | {p['ratio']:.2f} | "
+                             f"{p['load_generator_cpu_busy']:.0%} | {p['server_cpu_busy']:.0%} |")
         rec = d["recovery"]
         mib = lambda pair: f"{pair[0] / 2**20:.1f} MiB ({pair[1] / 2**20:.0f} MiB allocated)"
         lines += ["", f"Recovery of {rec['calls']:,} live calls after kill -9: "
