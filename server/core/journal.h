@@ -17,13 +17,17 @@
 #ifndef CALLSESSION_SERVER_CORE_JOURNAL_H_
 #define CALLSESSION_SERVER_CORE_JOURNAL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
 namespace callsession {
@@ -101,6 +105,37 @@ class Journal {
   virtual void SetObserver(JournalObserver* observer) = 0;
 
   virtual JournalStats Stats() const = 0;
+};
+
+// For engines: the callbacks waiting for positions to become durable, and
+// the durable position. Thread-safe; never runs a callback itself.
+class DurableWaiters {
+ public:
+  using Callback = absl::AnyInvocable<void() &&>;
+
+  uint64_t durable_position() const { return durable_.load(std::memory_order_acquire); }
+
+  // Keeps `done` until `position` is durable and returns null; if it already
+  // is, returns `done` for the engine to run (on one of its own threads:
+  // Journal::WhenDurable never runs it on its caller's).
+  Callback WaitFor(uint64_t position, Callback done);
+
+  // Raises the durable position to `position` and returns the callbacks it
+  // covers, for the engine to run. Positions only grow: one thread (the
+  // engine's writer of the moment) calls this, in order.
+  std::vector<Callback> MarkDurable(uint64_t position);
+
+ private:
+  struct Waiter {
+    uint64_t position;
+    Callback done;
+  };
+
+  absl::Mutex mu_;
+  std::vector<Waiter> waiting_ ABSL_GUARDED_BY(mu_);
+  // Raised under mu_ before the waiters are looked at, so a waiter is
+  // either seen by MarkDurable or sees the new value; read anywhere.
+  std::atomic<uint64_t> durable_{0};
 };
 
 }  // namespace callsession

@@ -156,16 +156,12 @@ class EtcdJournal final : public Journal {
   }
 
   uint64_t appended_position() const override { return appended_.load(std::memory_order_acquire); }
-  uint64_t durable_position() const override { return durable_.load(std::memory_order_acquire); }
+  uint64_t durable_position() const override { return waiters_.durable_position(); }
 
   void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) override {
-    {
-      absl::MutexLock lock(&waiters_mu_);
-      if (position > durable_.load(std::memory_order_acquire)) {
-        waiting_.push_back(Waiter{position, std::move(done)});
-        return;
-      }
-    }
+    done = waiters_.WaitFor(position, std::move(done));
+    if (done == nullptr) return;
+    // Already durable: still never on the caller's thread.
     absl::MutexLock lock(&mu_);
     ready_.push_back(std::move(done));
   }
@@ -196,10 +192,6 @@ class EtcdJournal final : public Journal {
     std::vector<RequestOp> ops;
     size_t bytes = 0;
     absl::Time appended;
-  };
-  struct Waiter {
-    uint64_t position;
-    absl::AnyInvocable<void() &&> done;
   };
   using Callbacks = std::vector<absl::AnyInvocable<void() &&>>;
 
@@ -575,15 +567,7 @@ class EtcdJournal final : public Journal {
                JournalObserver* observer) {
     batches_.fetch_add(1, std::memory_order_relaxed);
     bytes_.fetch_add(bytes, std::memory_order_relaxed);
-    Callbacks done;
-    {
-      absl::MutexLock lock(&waiters_mu_);
-      durable_.store(last, std::memory_order_release);
-      auto still_waiting = std::partition(waiting_.begin(), waiting_.end(),
-                                          [last](const Waiter& w) { return w.position > last; });
-      for (auto it = still_waiting; it != waiting_.end(); ++it) done.push_back(std::move(it->done));
-      waiting_.erase(still_waiting, waiting_.end());
-    }
+    Callbacks done = waiters_.MarkDurable(last);
     if (observer != nullptr) observer->OnBatchDurable(absl::Now() - first, entries, bytes);
     for (auto& callback : done) std::move(callback)();
   }
@@ -775,15 +759,13 @@ class EtcdJournal final : public Journal {
   std::thread watcher_;
 
   // The leader's queue.
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(waiters_mu_);
+  absl::Mutex mu_;
   std::vector<Entry> pending_ ABSL_GUARDED_BY(mu_);
   Callbacks ready_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   JournalObserver* observer_ ABSL_GUARDED_BY(mu_) = nullptr;
-  absl::Mutex waiters_mu_;
-  std::vector<Waiter> waiting_ ABSL_GUARDED_BY(waiters_mu_);
+  DurableWaiters waiters_;
   std::atomic<uint64_t> appended_{0};
-  std::atomic<uint64_t> durable_{0};
   std::atomic<uint64_t> batches_{0};
   std::atomic<uint64_t> bytes_{0};
   std::thread writer_;

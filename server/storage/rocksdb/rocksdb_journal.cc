@@ -111,18 +111,11 @@ class RocksDbJournal final : public Journal {
   }
 
   uint64_t appended_position() const override { return appended_.load(std::memory_order_acquire); }
-  uint64_t durable_position() const override { return durable_.load(std::memory_order_acquire); }
+  uint64_t durable_position() const override { return waiters_.durable_position(); }
 
   void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) override {
-    {
-      absl::MutexLock lock(&waiters_mu_);
-      // durable_ is raised before the writer looks at waiting_ (under this
-      // lock), so a waiter is either seen by it or sees the new value.
-      if (position > durable_.load(std::memory_order_acquire)) {
-        waiting_.push_back(Waiter{position, std::move(done)});
-        return;
-      }
-    }
+    done = waiters_.WaitFor(position, std::move(done));
+    if (done == nullptr) return;
     // Already durable: still never on the caller's thread.
     absl::MutexLock lock(&mu_);
     ready_.push_back(std::move(done));
@@ -164,10 +157,6 @@ class RocksDbJournal final : public Journal {
   }
 
  private:
-  struct Waiter {
-    uint64_t position;
-    absl::AnyInvocable<void() &&> done;
-  };
   using Callbacks = std::vector<absl::AnyInvocable<void() &&>>;
 
   absl::Status FromRocksDb(const rocksdb::Status& status, absl::string_view doing) const {
@@ -222,17 +211,7 @@ class RocksDbJournal final : public Journal {
       batches_.fetch_add(1, std::memory_order_relaxed);
       bytes_.fetch_add(bytes, std::memory_order_relaxed);
 
-      Callbacks done;
-      {
-        absl::MutexLock lock(&waiters_mu_);
-        durable_.store(last, std::memory_order_release);
-        auto still_waiting = std::partition(waiting_.begin(), waiting_.end(),
-                                            [last](const Waiter& w) { return w.position > last; });
-        done.reserve(waiting_.end() - still_waiting);
-        for (auto it = still_waiting; it != waiting_.end(); ++it)
-          done.push_back(std::move(it->done));
-        waiting_.erase(still_waiting, waiting_.end());
-      }
+      Callbacks done = waiters_.MarkDurable(last);
       {
         // The other thread may write the next batch while this one runs
         // the callbacks.
@@ -248,7 +227,7 @@ class RocksDbJournal final : public Journal {
   const std::string dir_;
   rocksdb::WriteOptions write_options_;
 
-  absl::Mutex mu_ ABSL_ACQUIRED_AFTER(waiters_mu_);
+  absl::Mutex mu_;
   // Entries appended but not yet taken by a writer.
   std::unique_ptr<rocksdb::WriteBatch> pending_ ABSL_GUARDED_BY(mu_) =
       std::make_unique<rocksdb::WriteBatch>();
@@ -261,13 +240,10 @@ class RocksDbJournal final : public Journal {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   JournalObserver* observer_ ABSL_GUARDED_BY(mu_) = nullptr;
 
-  absl::Mutex waiters_mu_;
-  std::vector<Waiter> waiting_ ABSL_GUARDED_BY(waiters_mu_);
+  DurableWaiters waiters_;
 
-  // appended_ is written under mu_, durable_ under waiters_mu_; both are read
-  // anywhere.
+  // Written under mu_, read anywhere.
   std::atomic<uint64_t> appended_{0};
-  std::atomic<uint64_t> durable_{0};
   std::atomic<uint64_t> batches_{0};
   std::atomic<uint64_t> bytes_{0};
 

@@ -1,0 +1,28 @@
+#include "server/core/journal.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace callsession {
+
+DurableWaiters::Callback DurableWaiters::WaitFor(uint64_t position, Callback done) {
+  absl::MutexLock lock(&mu_);
+  if (position <= durable_.load(std::memory_order_acquire)) return done;
+  waiting_.push_back(Waiter{position, std::move(done)});
+  return nullptr;
+}
+
+std::vector<DurableWaiters::Callback> DurableWaiters::MarkDurable(uint64_t position) {
+  std::vector<Callback> due;
+  absl::MutexLock lock(&mu_);
+  durable_.store(position, std::memory_order_release);
+  auto still_waiting =
+      std::partition(waiting_.begin(), waiting_.end(),
+                     [position](const Waiter& w) { return w.position > position; });
+  due.reserve(waiting_.end() - still_waiting);
+  for (auto it = still_waiting; it != waiting_.end(); ++it) due.push_back(std::move(it->done));
+  waiting_.erase(still_waiting, waiting_.end());
+  return due;
+}
+
+}  // namespace callsession
