@@ -397,7 +397,17 @@ def durable_server(data, name, extra=(), **kwargs):
     server = callsessiond([f"--metrics_listen=127.0.0.1:{metrics_port}", *extra], store=store,
                           **kwargs)
     server.metrics_port = metrics_port
-    return server
+    # The port opens before the store has loaded (UNAVAILABLE until then).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if metric(metrics_port, "callsession_serving") == 1:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.02)
+    server.stop()
+    raise RuntimeError(f"callsessiond --store={name} did not start serving")
 
 
 def durability():
