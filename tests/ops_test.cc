@@ -279,19 +279,6 @@ TEST(OpsTest, LogsAreOneJsonObjectPerLineAndNeverHoldATokenAtAnyLevel) {
   EXPECT_TRUE(absl::StrContains(log, absl::StrCat("\"line_handle\":", *line)));
 }
 
-// A loopback port nothing listens on right now.
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t size = sizeof(addr);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &size);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 TEST(OpsTest, LogLevelFiltersLines) {
   const std::string address = absl::StrCat("127.0.0.1:", FreePort());
   Daemon daemon({"--listen=" + address, "--log_level=warning"}, Environment());
