@@ -1,13 +1,16 @@
 // The RocksDB journal's group commit, driven directly: callbacks run once,
 // only after their entry is durable and never inside WhenDurable; nothing
 // is durable before its sync and no caller waits for it; no caller blocks
-// on a write stall; entries nobody waits for are written too; closing
-// drains; everything durable is in the store when it is opened again.
+// on a write stall; a caller in a CallerWritesScope writes its own entries
+// (without sync) and no other thread does; entries nobody waits for are
+// written too; closing drains; everything durable is in the store when it
+// is opened again.
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
 #include <atomic>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -71,6 +74,8 @@ class RocksDbJournalTest : public ::testing::TestWithParam<bool> {
     return keys;
   }
 
+  void ExpectAWriteStallNeverBlocksTheCaller(bool caller_writes);
+
   static uint64_t Put(Journal& journal, const std::string& key, size_t value_bytes = 16) {
     return journal.Append(
         [&](JournalWriter& writer, uint64_t) { writer.Put(key, std::string(value_bytes, 'v')); });
@@ -98,7 +103,11 @@ TEST_P(RocksDbJournalTest, EveryCallbackRunsOnceAfterItsEntryIsDurable) {
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
+      // Half the threads write their own entries, as serving threads do.
+      std::optional<CallerWritesScope> caller_writes;
+      if (t % 2 == 1) caller_writes.emplace();
       for (int i = 0; i < kEntries; ++i) {
+        if (caller_writes.has_value() && i % 5 == 4) journal.WriteNow();
         const uint64_t position = Put(journal, absl::StrCat("k/", t, "/", i));
         auto done = [&, position] {
           if (journal.durable_position() < position) early.fetch_add(1);
@@ -111,6 +120,7 @@ TEST_P(RocksDbJournalTest, EveryCallbackRunsOnceAfterItsEntryIsDurable) {
         journal.WhenDurable(position, done);
         inside_when_durable = false;
       }
+      if (caller_writes.has_value()) journal.WriteNow();
     });
   }
   for (std::thread& thread : threads) thread.join();
@@ -176,7 +186,9 @@ TEST_P(RocksDbJournalTest, NothingIsDurableBeforeItsSyncAndNoCallerWaitsForIt) {
   caller.join();
 }
 
-TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksTheCaller) {
+// With `caller_writes`, the caller appends in a CallerWritesScope and calls
+// WriteNow after each entry (a serving thread's burst of one).
+void RocksDbJournalTest::ExpectAWriteStallNeverBlocksTheCaller(bool caller_writes) {
   // Two 64 KiB memtables and a flush that cannot start: once both are
   // full, RocksDB stops writes.
   Journal& journal = Open(64 << 10);
@@ -185,10 +197,13 @@ TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksTheCaller) {
   std::atomic<int> durable{0};
   absl::Notification all_returned;
   std::thread caller([&] {
+    std::optional<CallerWritesScope> scope;
+    if (caller_writes) scope.emplace();
     auto append = [&] {
       const uint64_t position = Put(journal, absl::StrCat("big/", appended.load()), 1024);
       journal.WhenDurable(position, [&] { durable.fetch_add(1); });
       appended.fetch_add(1);
+      if (caller_writes) journal.WriteNow();
     };
     // In small batches until the first memtable is full and its flush held.
     for (int i = 0; i < 5000 && fs_->tables_waiting() == 0; ++i) {
@@ -216,6 +231,45 @@ TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksTheCaller) {
   }
   EXPECT_EQ(durable.load(), appended.load());
   EXPECT_EQ(Reopen().size(), static_cast<size_t>(appended.load()));
+}
+
+TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksTheCaller) {
+  ExpectAWriteStallNeverBlocksTheCaller(false);
+}
+
+TEST_P(RocksDbJournalTest, AWriteStallNeverBlocksACallerThatWrites) {
+  ExpectAWriteStallNeverBlocksTheCaller(true);
+}
+
+TEST_P(RocksDbJournalTest, ACallerWritesWhatItAppendsInItsScope) {
+  Journal& journal = Open();
+  CallerWritesScope scope;
+  std::thread::id ran_on;
+  uint64_t last = 0;
+  for (int i = 0; i < 10; ++i) last = Put(journal, absl::StrCat("burst/", i));
+  absl::Notification ran;
+  journal.WhenDurable(last, [&] {
+    ran_on = std::this_thread::get_id();
+    ran.Notify();
+  });
+  if (!sync()) {
+    // Left for this thread: the writer threads are not woken for them.
+    absl::SleepFor(absl::Milliseconds(200));
+    EXPECT_LT(journal.durable_position(), last);
+    EXPECT_FALSE(ran.HasBeenNotified());
+    EXPECT_TRUE(journal.WriteNow());
+    EXPECT_GE(journal.durable_position(), last);
+    ASSERT_TRUE(ran.HasBeenNotified()) << "WriteNow did not run the callback it made due";
+    EXPECT_EQ(ran_on, std::this_thread::get_id());
+    EXPECT_EQ(journal.Stats().batches, 1u) << "the burst was not one batch";
+  } else {
+    // A sync is never the caller's: the writer threads write as always.
+    EXPECT_FALSE(journal.WriteNow());
+    ASSERT_TRUE(ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+    EXPECT_NE(ran_on, std::this_thread::get_id());
+  }
+  EXPECT_TRUE(journal.WriteNow()) << "everything is durable now";
+  EXPECT_EQ(Reopen().size(), 10u);
 }
 
 TEST_P(RocksDbJournalTest, AnEntryNobodyWaitsForIsWrittenToo) {

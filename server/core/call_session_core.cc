@@ -1635,6 +1635,21 @@ void CallSessionCore::WhenChangesDurable(absl::AnyInvocable<void() &&> done) {
   journal_->WhenDurable(barrier, std::move(done));
 }
 
+uint64_t CallSessionCore::ChangesBarrier() const {
+  return journal_ == nullptr ? 0 : journal_->appended_position();
+}
+
+bool CallSessionCore::IsDurable(uint64_t barrier) const {
+  return journal_ == nullptr || barrier <= journal_->durable_position();
+}
+
+bool CallSessionCore::WriteChangesNow() { return journal_ == nullptr || journal_->WriteNow(); }
+
+void CallSessionCore::WhenDurable(uint64_t barrier, absl::AnyInvocable<void() &&> done) {
+  if (journal_ == nullptr) return std::move(done)();
+  journal_->WhenDurable(barrier, std::move(done));
+}
+
 absl::Status CallSessionCore::Checkpoint(const std::string& dir) {
   if (journal_ == nullptr) {
     return absl::FailedPreconditionError(

@@ -262,6 +262,18 @@ class CallSessionCore {
   // with a core lock held.
   void WhenChangesDurable(absl::AnyInvocable<void() &&> done);
 
+  // The same in parts, for a serving thread that answers a burst of
+  // requests together (see CallerWritesScope in journal.h): the barrier
+  // covering every change made so far (0 without a journal), whether a
+  // barrier is durable, writing what is appended on this thread if the
+  // journal can (Journal::WriteNow; true if everything appended is durable
+  // now; it may run due callbacks here, so no core lock may be held), and
+  // running `done` on a journal thread once a barrier is durable.
+  uint64_t ChangesBarrier() const;
+  bool IsDurable(uint64_t barrier) const;
+  bool WriteChangesNow();
+  void WhenDurable(uint64_t barrier, absl::AnyInvocable<void() &&> done);
+
   // Writes a consistent copy of the stored state to `dir` (see
   // Journal::Checkpoint). FAILED_PRECONDITION without a journal. Blocks on
   // I/O.

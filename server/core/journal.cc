@@ -4,6 +4,13 @@
 #include <utility>
 
 namespace callsession {
+namespace {
+thread_local bool t_caller_writes = false;
+}  // namespace
+
+CallerWritesScope::CallerWritesScope() { t_caller_writes = true; }
+CallerWritesScope::~CallerWritesScope() { t_caller_writes = false; }
+bool CallerWritesScope::Active() { return t_caller_writes; }
 
 DurableWaiters::Callback DurableWaiters::WaitFor(uint64_t position, Callback done) {
   absl::MutexLock lock(&mu_);

@@ -94,6 +94,20 @@ class Journal {
   // `done` must not block. Any thread.
   virtual void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) = 0;
 
+  // Writes every entry appended so far on the calling thread and runs the
+  // callbacks that become due here, if the engine can make them durable
+  // without waiting for a sync or the network (RocksDB with --sync=false);
+  // returns whether everything appended before the call is durable now.
+  // False (at once) from engines that cannot, or while another thread is
+  // writing: then the engine's own threads write it, as always. The caller
+  // must hold no lock a WhenDurable callback may take. Any thread.
+  //
+  // Entries appended inside a CallerWritesScope are left for the caller's
+  // WriteNow instead of waking the engine's threads for them: a serving
+  // thread appends the changes of a whole burst of requests and writes them
+  // as one batch before it sends their replies, with no thread in between.
+  virtual bool WriteNow() { return durable_position() >= appended_position(); }
+
   // Writes a consistent copy of the stored records (a prefix of the
   // journal) to the directory `dir`, which must not exist yet; it can be
   // opened as a store of its own. Errors: INVALID_ARGUMENT if `dir` exists
@@ -105,6 +119,21 @@ class Journal {
   virtual void SetObserver(JournalObserver* observer) = 0;
 
   virtual JournalStats Stats() const = 0;
+};
+
+// While one exists on a thread, the entries that thread appends wait for its
+// Journal::WriteNow (which it must call before it waits for anything, and
+// before the scope ends), instead of waking the engine's writer. Engines
+// that cannot write on the caller's thread ignore it. Not nestable.
+class CallerWritesScope {
+ public:
+  CallerWritesScope();
+  ~CallerWritesScope();
+  CallerWritesScope(const CallerWritesScope&) = delete;
+  CallerWritesScope& operator=(const CallerWritesScope&) = delete;
+
+  // Whether the calling thread is inside one.
+  static bool Active();
 };
 
 // For engines: the callbacks waiting for positions to become durable, and

@@ -3,6 +3,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
+#include <optional>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -63,6 +65,10 @@ class RocksDbJournal final : public Journal {
   RocksDbJournal(std::unique_ptr<rocksdb::DB> db, std::string dir, bool sync)
       : db_(std::move(db)), dir_(std::move(dir)) {
     write_options_.sync = sync;
+    // Without a sync, a write is as cheap on a serving thread as on ours.
+    caller_writes_ = !sync;
+    caller_write_options_ = write_options_;
+    caller_write_options_.no_slowdown = true;
     for (std::thread& thread : threads_) thread = std::thread([this] { Run(); });
   }
 
@@ -106,6 +112,8 @@ class RocksDbJournal final : public Journal {
     BatchWriter writer(*pending_);
     write(writer, position);
     if (pending_entries_++ == 0) first_pending_ = absl::Now();
+    // Left for the caller's WriteNow: the writer threads are not woken.
+    if (!caller_writes_ || !CallerWritesScope::Active()) unclaimed_ = true;
     appended_.store(position, std::memory_order_release);
     return position;
   }
@@ -119,6 +127,37 @@ class RocksDbJournal final : public Journal {
     // Already durable: still never on the caller's thread.
     absl::MutexLock lock(&mu_);
     ready_.push_back(std::move(done));
+  }
+
+  bool WriteNow() override {
+    const uint64_t target = appended_.load(std::memory_order_acquire);
+    if (waiters_.durable_position() >= target) return true;
+    if (!caller_writes_) return false;
+    Batch batch;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || pending_entries_ == 0) {
+        // Another thread has the writer's turn (and perhaps these entries):
+        // what is pending goes in its next batch.
+        unclaimed_ = pending_entries_ > 0;
+        return false;
+      }
+      batch = TakePendingLocked(std::move(spare_));
+    }
+    // A caller never waits for a write stall (a flush or compaction
+    // behind): the batch goes to the writer threads, which do wait.
+    std::optional<Callbacks> due = WriteBatch(batch, caller_write_options_);
+    if (!due.has_value()) {
+      absl::MutexLock lock(&mu_);
+      stalled_ = std::move(batch);
+      return false;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      spare_ = std::move(batch.records);
+    }
+    for (auto& done : *due) std::move(done)();
+    return true;
   }
 
   absl::Status Checkpoint(const std::string& dir) override {
@@ -159,6 +198,66 @@ class RocksDbJournal final : public Journal {
  private:
   using Callbacks = std::vector<absl::AnyInvocable<void() &&>>;
 
+  // The entries one writer took.
+  struct Batch {
+    std::unique_ptr<rocksdb::WriteBatch> records;
+    uint64_t last = 0;  // position of its last entry
+    uint64_t entries = 0;
+    absl::Time first;  // when its first entry was appended
+    JournalObserver* observer = nullptr;
+  };
+
+  // Takes the writer's turn and everything pending, leaving `empty` (a
+  // cleared batch, or null for a new one) to collect what is appended next.
+  Batch TakePendingLocked(std::unique_ptr<rocksdb::WriteBatch> empty)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // Null when two callers' WriteNow overlapped (the first one's batch
+    // is not back yet).
+    if (empty == nullptr) empty = std::make_unique<rocksdb::WriteBatch>();
+    writing_ = true;
+    unclaimed_ = false;
+    Batch batch;
+    batch.records = std::exchange(pending_, std::move(empty));
+    batch.entries = std::exchange(pending_entries_, 0);
+    batch.first = first_pending_;
+    batch.last = appended_.load(std::memory_order_relaxed);
+    batch.observer = observer_;
+    return batch;
+  }
+
+  // Writes (and with sync, syncs) the batch, marks it durable, hands the
+  // writer's turn back, and returns the callbacks now due; leaves the batch
+  // cleared. With `options.no_slowdown`, returns nullopt instead of waiting
+  // out a write stall, having written nothing and kept the turn. Exits the
+  // process if the write fails.
+  std::optional<Callbacks> WriteBatch(Batch& batch, const rocksdb::WriteOptions& options) {
+    const size_t bytes = batch.records->GetDataSize();
+    const rocksdb::Status status = db_->Write(options, batch.records.get());
+    if (status.IsIncomplete() && options.no_slowdown) return std::nullopt;
+    if (!status.ok()) {
+      // Memory is ahead of disk: stop before anything else is
+      // acknowledged. The next start recovers what is on disk.
+      Log(LogLevel::kError, "journal_write_failed",
+          {{"data_dir", dir_}, {"error", status.ToString()}});
+      std::_Exit(kJournalFailureExitCode);
+    }
+    batch.records->Clear();
+    batches_.fetch_add(1, std::memory_order_relaxed);
+    bytes_.fetch_add(bytes, std::memory_order_relaxed);
+
+    Callbacks due = waiters_.MarkDurable(batch.last);
+    {
+      // Another thread may write the next batch while this one runs the
+      // callbacks.
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+    }
+    if (batch.observer != nullptr) {
+      batch.observer->OnBatchDurable(absl::Now() - batch.first, batch.entries, bytes);
+    }
+    return due;
+  }
+
   absl::Status FromRocksDb(const rocksdb::Status& status, absl::string_view doing) const {
     const std::string what =
         absl::StrCat(doing, " the data directory ", dir_, ": ", status.ToString());
@@ -169,63 +268,40 @@ class RocksDbJournal final : public Journal {
   // Something for a thread to do: write (if no other thread is writing),
   // run ready callbacks, or stop.
   bool HasWorkLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return (!writing_ && pending_entries_ > 0) || !ready_.empty() || stopping_;
+    return (!writing_ && unclaimed_) || stalled_.has_value() || !ready_.empty() || stopping_;
   }
 
   void Run() {
-    auto batch = std::make_unique<rocksdb::WriteBatch>();
+    auto empty = std::make_unique<rocksdb::WriteBatch>();
     for (;;) {
-      uint64_t last = 0;
-      uint64_t entries = 0;
-      absl::Time first;
+      Batch batch;
       Callbacks ready;
-      JournalObserver* observer = nullptr;
       {
         absl::MutexLock lock(&mu_);
         mu_.Await(absl::Condition(this, &RocksDbJournal::HasWorkLocked));
         ready.swap(ready_);
-        if (!writing_ && pending_entries_ > 0) {
-          writing_ = true;
-          std::swap(batch, pending_);
-          entries = std::exchange(pending_entries_, 0);
-          first = first_pending_;
-          last = appended_.load(std::memory_order_relaxed);
-          observer = observer_;
+        if (stalled_.has_value()) {  // the turn came with it
+          batch = std::move(*stalled_);
+          stalled_.reset();
+        } else if (!writing_ && pending_entries_ > 0 && (unclaimed_ || stopping_)) {
+          batch = TakePendingLocked(std::move(empty));
         } else if (ready.empty() && stopping_ && !writing_) {
           return;  // everything appended is written, every callback run
         }
       }
       for (auto& done : ready) std::move(done)();
-      if (entries == 0) continue;
-
-      const size_t bytes = batch->GetDataSize();
-      const rocksdb::Status status = db_->Write(write_options_, batch.get());
-      if (!status.ok()) {
-        // Memory is ahead of disk: stop before anything else is
-        // acknowledged. The next start recovers what is on disk.
-        Log(LogLevel::kError, "journal_write_failed",
-            {{"data_dir", dir_}, {"error", status.ToString()}});
-        std::_Exit(kJournalFailureExitCode);
-      }
-      batch->Clear();
-      batches_.fetch_add(1, std::memory_order_relaxed);
-      bytes_.fetch_add(bytes, std::memory_order_relaxed);
-
-      Callbacks done = waiters_.MarkDurable(last);
-      {
-        // The other thread may write the next batch while this one runs
-        // the callbacks.
-        absl::MutexLock lock(&mu_);
-        writing_ = false;
-      }
-      if (observer != nullptr) observer->OnBatchDurable(absl::Now() - first, entries, bytes);
-      for (auto& callback : done) std::move(callback)();
+      if (batch.entries == 0) continue;
+      Callbacks due = *WriteBatch(batch, write_options_);
+      empty = std::move(batch.records);
+      for (auto& callback : due) std::move(callback)();
     }
   }
 
   const std::unique_ptr<rocksdb::DB> db_;
   const std::string dir_;
   rocksdb::WriteOptions write_options_;
+  bool caller_writes_ = false;
+  rocksdb::WriteOptions caller_write_options_;
 
   absl::Mutex mu_;
   // Entries appended but not yet taken by a writer.
@@ -233,8 +309,17 @@ class RocksDbJournal final : public Journal {
       std::make_unique<rocksdb::WriteBatch>();
   uint64_t pending_entries_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time first_pending_ ABSL_GUARDED_BY(mu_);
+  // Pending entries no caller will write (see CallerWritesScope): the
+  // writer threads' cue.
+  bool unclaimed_ ABSL_GUARDED_BY(mu_) = false;
+  // A cleared batch for WriteNow to leave in pending_'s place.
+  std::unique_ptr<rocksdb::WriteBatch> spare_ ABSL_GUARDED_BY(mu_) =
+      std::make_unique<rocksdb::WriteBatch>();
   // A thread has the writer's turn.
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // A batch a caller's WriteNow could not write without waiting for a
+  // stall, with the writer's turn: for the writer threads.
+  std::optional<Batch> stalled_ ABSL_GUARDED_BY(mu_);
   // Callbacks of positions already durable when registered.
   Callbacks ready_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
