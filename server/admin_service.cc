@@ -1,7 +1,5 @@
 #include "server/admin_service.h"
 
-#include <thread>
-
 #include "server/core/log.h"
 #include "server/core/sha256.h"
 #include "server/grpc_edge.h"
@@ -23,28 +21,23 @@ absl::Status Authorize(absl::string_view token, const std::string& expected) {
 
 }  // namespace
 
-grpc::ServerUnaryReactor* AdminGrpcService::CreateCheckpoint(
-    grpc::CallbackServerContext* context, const admin::v1::CreateCheckpointRequest* request,
-    admin::v1::CreateCheckpointResponse* response) {
+grpc::Status AdminGrpcService::CreateCheckpoint(grpc::ServerContext* context,
+                                                const admin::v1::CreateCheckpointRequest* request,
+                                                admin::v1::CreateCheckpointResponse* response) {
   if (absl::Status status = Authorize(BearerToken(*context), admin_token_); !status.ok()) {
-    return FinishUnary(context, status);
+    return ToGrpcStatus(status);
   }
   absl::StatusOr<CallSessionCore*> core = serving_.Get();
-  if (!core.ok()) return FinishUnary(context, core.status());
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  // The server waits for this RPC to finish before it destroys the core.
-  std::thread([core = *core, reactor, request, response] {
-    const absl::Status status = core->Checkpoint(request->directory());
-    if (status.ok()) {
-      response->set_directory(request->directory());
-      Log(LogLevel::kInfo, "checkpoint_created", {{"directory", request->directory()}});
-    } else {
-      Log(LogLevel::kWarning, "checkpoint_failed",
-          {{"directory", request->directory()}, {"error", std::string(status.message())}});
-    }
-    reactor->Finish(ToGrpcStatus(status));
-  }).detach();
-  return reactor;
+  if (!core.ok()) return ToGrpcStatus(core.status());
+  const absl::Status status = (*core)->Checkpoint(request->directory());
+  if (status.ok()) {
+    response->set_directory(request->directory());
+    Log(LogLevel::kInfo, "checkpoint_created", {{"directory", request->directory()}});
+  } else {
+    Log(LogLevel::kWarning, "checkpoint_failed",
+        {{"directory", request->directory()}, {"error", std::string(status.message())}});
+  }
+  return ToGrpcStatus(status);
 }
 
 }  // namespace callsession

@@ -10,18 +10,19 @@
 
 namespace callsession {
 
-class AdminGrpcService final : public admin::v1::AdminService::CallbackService {
+class AdminGrpcService final : public admin::v1::AdminService::Service {
  public:
   // `serving` is not owned and must outlive the service. An empty
   // `admin_token` refuses every call.
   AdminGrpcService(const ServingCore* serving, std::string admin_token)
       : serving_(*serving), admin_token_(std::move(admin_token)) {}
 
-  // Runs the checkpoint on a thread of its own (it flushes and links files),
-  // never on a gRPC thread, and replies when it is done.
-  grpc::ServerUnaryReactor* CreateCheckpoint(
-      grpc::CallbackServerContext* context, const admin::v1::CreateCheckpointRequest* request,
-      admin::v1::CreateCheckpointResponse* response) override;
+  // Runs the checkpoint (it flushes and links files) on one of gRPC's
+  // synchronous-API threads, which only this service and reflection use:
+  // it never holds up the serving threads.
+  grpc::Status CreateCheckpoint(grpc::ServerContext* context,
+                                const admin::v1::CreateCheckpointRequest* request,
+                                admin::v1::CreateCheckpointResponse* response) override;
 
  private:
   const ServingCore& serving_;

@@ -12,47 +12,76 @@ namespace callsession {
 namespace {
 
 // Streams one application's events: at most one write in flight; when the
-// queue runs dry it waits for EventSink::OnEventsAvailable. Finish is only
-// ever called with no write in flight, so gRPC cannot run OnDone (and the
-// reactor cannot be released) between our decision to write and StartWrite.
+// queue runs dry it waits for EventSink::OnEventsAvailable, which may come
+// on any thread (a write may start there). Finish is only ever started with
+// no write in flight.
 //
-// Ownership: the reactor owns itself through self_ from creation to OnDone;
-// the event queue may hold further references, which keep a finished
-// reactor's memory valid but never write again.
-class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEventsResponse>,
-                                 public EventSink {
+// Ownership: the call owns itself through self_ from its request until both
+// its finish and gRPC's done notification have come back (or its request
+// failed: no done notification then); the event queue may hold further
+// references, which keep a finished call's memory valid but never write.
+class WatchEventsCall final : public EventSink,
+                              public std::enable_shared_from_this<WatchEventsCall> {
  public:
-  static grpc::ServerWriteReactor<v1::WatchEventsResponse>* Start(
-      const grpc::CallbackServerContext* context, const ServingCore& serving,
-      absl::string_view token, const v1::WatchEventsRequest& request) {
-    auto reactor = std::make_shared<WatchEventsReactor>();
+  // Asks for the next WatchEvents call on `queue`.
+  static void Await(CallSessionGrpcService* service, const ServingCore* serving,
+                    grpc::ServerCompletionQueue* queue) {
+    auto call = std::make_shared<WatchEventsCall>(service, serving, queue);
     {
-      absl::MutexLock lock(&reactor->mu_);
-      reactor->self_ = reactor;
+      absl::MutexLock lock(&call->mu_);
+      call->self_ = call;
     }
-    absl::StatusOr<CallSessionCore*> core = serving.Get();
-    absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
-        core.ok() ? (*core)->WatchEvents(token, request, reactor) : core.status();
-    if (!subscription.ok()) {
-      if (subscription.status().code() == absl::StatusCode::kUnauthenticated) {
-        LogAuthenticationFailure(*context, subscription.status());
-      }
-      reactor->End(ToGrpcStatus(subscription.status()));
-    } else {
-      {
-        absl::MutexLock lock(&reactor->mu_);
-        reactor->subscription_ = *std::move(subscription);
-      }
-      reactor->Pump();
-    }
-    return reactor.get();
+    call->context_.AsyncNotifyWhenDone(&call->done_);
+    service->RequestWatchEvents(&call->context_, &call->request_, &call->writer_, queue, queue,
+                                &call->started_);
   }
+
+  WatchEventsCall(CallSessionGrpcService* service, const ServingCore* serving,
+                  grpc::ServerCompletionQueue* queue)
+      : service_(service), serving_(*serving), queue_(queue), writer_(&context_) {}
 
   void OnEventsAvailable() override { Pump(); }
 
   void OnSubscriptionEnded(const absl::Status& why) override { End(ToGrpcStatus(why)); }
 
-  void OnWriteDone(bool ok) override {
+ private:
+  // One of the call's completion-queue tags.
+  class Step final : public AsyncServing::Tag {
+   public:
+    using Handler = void (WatchEventsCall::*)(bool ok);
+    Step(WatchEventsCall* call, Handler handler) : call_(call), handler_(handler) {}
+    void Proceed(bool ok, AsyncServing::Burst& /*burst*/) override { (call_->*handler_)(ok); }
+
+   private:
+    WatchEventsCall* const call_;
+    const Handler handler_;
+  };
+
+  void OnStarted(bool ok) {
+    if (!ok) {  // the queue is shutting down: no call came
+      Release();
+      return;
+    }
+    Await(service_, &serving_, queue_);
+    const std::string token(BearerToken(context_));
+    absl::StatusOr<CallSessionCore*> core = serving_.Get();
+    absl::StatusOr<std::unique_ptr<EventSubscription>> subscription =
+        core.ok() ? (*core)->WatchEvents(token, request_, shared_from_this()) : core.status();
+    if (!subscription.ok()) {
+      if (subscription.status().code() == absl::StatusCode::kUnauthenticated) {
+        LogAuthenticationFailure(context_, subscription.status());
+      }
+      End(ToGrpcStatus(subscription.status()));
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      subscription_ = *std::move(subscription);
+    }
+    Pump();
+  }
+
+  void OnWritten(bool ok) {
     std::optional<grpc::Status> finish;
     {
       absl::MutexLock lock(&mu_);
@@ -63,28 +92,35 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
       finish = TakePendingFinishLocked();
     }
     if (finish.has_value()) {
-      Finish(*finish);
+      writer_.Finish(*finish, &finished_step_);
       return;
     }
     Pump();
   }
 
-  void OnCancel() override {
-    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
-  }
-
-  void OnDone() override {
-    std::unique_ptr<EventSubscription> subscription;
-    std::shared_ptr<WatchEventsReactor> self;
+  void OnFinished(bool /*ok*/) {
+    bool release;
     {
       absl::MutexLock lock(&mu_);
-      subscription = std::move(subscription_);
-      self = std::move(self_);
+      finish_done_ = true;
+      release = done_notified_;
     }
-    // `self` may be the last reference: nothing may touch members below.
+    if (release) Release();
   }
 
- private:
+  void OnDone(bool /*ok*/) {
+    if (context_.IsCancelled()) {
+      End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+    }
+    bool release;
+    {
+      absl::MutexLock lock(&mu_);
+      done_notified_ = true;
+      release = finish_done_;
+    }
+    if (release) Release();
+  }
+
   void Pump() {
     {
       absl::MutexLock lock(&mu_);
@@ -92,7 +128,7 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
       if (!subscription_->Next(response_.mutable_event())) return;
       writing_ = true;
     }
-    StartWrite(&response_);
+    writer_.Write(response_, &written_);
   }
 
   // Finishes now, or after the write in flight completes.
@@ -105,7 +141,7 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
       if (writing_) return;
       finish = TakePendingFinishLocked();
     }
-    if (finish.has_value()) Finish(*finish);
+    if (finish.has_value()) writer_.Finish(*finish, &finished_step_);
   }
 
   std::optional<grpc::Status> TakePendingFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -114,125 +150,114 @@ class WatchEventsReactor final : public grpc::ServerWriteReactor<v1::WatchEvents
     return std::exchange(pending_finish_, std::nullopt);
   }
 
+  // Ends the subscription and drops the call's own reference.
+  void Release() {
+    std::unique_ptr<EventSubscription> subscription;
+    std::shared_ptr<WatchEventsCall> self;
+    {
+      absl::MutexLock lock(&mu_);
+      subscription = std::move(subscription_);
+      self = std::move(self_);
+    }
+    // `self` may be the last reference: nothing may touch members below.
+  }
+
+  CallSessionGrpcService* const service_;
+  const ServingCore& serving_;
+  grpc::ServerCompletionQueue* const queue_;
+  grpc::ServerContext context_;
+  v1::WatchEventsRequest request_;
+  grpc::ServerAsyncWriter<v1::WatchEventsResponse> writer_;
+  Step started_{this, &WatchEventsCall::OnStarted};
+  Step written_{this, &WatchEventsCall::OnWritten};
+  Step finished_step_{this, &WatchEventsCall::OnFinished};
+  Step done_{this, &WatchEventsCall::OnDone};
+
   absl::Mutex mu_;
-  std::shared_ptr<WatchEventsReactor> self_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<WatchEventsCall> self_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<EventSubscription> subscription_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
+  bool finish_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_notified_ ABSL_GUARDED_BY(mu_) = false;
   // Written only while no write is in flight (writing_ false, under mu_).
   v1::WatchEventsResponse response_;
 };
 
 }  // namespace
 
-grpc::ServerUnaryReactor* CallSessionGrpcService::Initialize(grpc::CallbackServerContext* context,
-                                                             const v1::InitializeRequest* request,
-                                                             v1::InitializeResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.Initialize(CallerCredentials(*context), *request, response);
+void CallSessionGrpcService::ServeThrough(AsyncServing& serving) {
+  serving.AddAwaiter([this](grpc::ServerCompletionQueue* queue) {
+    WatchEventsCall::Await(this, &serving_, queue);
   });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::Shutdown(grpc::CallbackServerContext* context,
-                                                           const v1::ShutdownRequest* request,
-                                                           v1::ShutdownResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.Shutdown(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::LineOpen(grpc::CallbackServerContext* context,
-                                                           const v1::LineOpenRequest* request,
-                                                           v1::LineOpenResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.LineOpen(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::LineClose(grpc::CallbackServerContext* context,
-                                                            const v1::LineCloseRequest* request,
-                                                            v1::LineCloseResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.LineClose(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::MakeCall(grpc::CallbackServerContext* context,
-                                                           const v1::MakeCallRequest* request,
-                                                           v1::MakeCallResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.MakeCall(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::Answer(grpc::CallbackServerContext* context,
-                                                         const v1::AnswerRequest* request,
-                                                         v1::AnswerResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.Answer(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::Drop(grpc::CallbackServerContext* context,
-                                                       const v1::DropRequest* request,
-                                                       v1::DropResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.Drop(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallInfo(grpc::CallbackServerContext* context,
-                                                              const v1::GetCallInfoRequest* request,
-                                                              v1::GetCallInfoResponse* response) {
-  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
-    return core.GetCallInfo(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::GetCallStatus(
-    grpc::CallbackServerContext* context, const v1::GetCallStatusRequest* request,
-    v1::GetCallStatusResponse* response) {
-  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
-    return core.GetCallStatus(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::DeallocateCall(
-    grpc::CallbackServerContext* context, const v1::DeallocateCallRequest* request,
-    v1::DeallocateCallResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.DeallocateCall(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::GetNewCalls(grpc::CallbackServerContext* context,
-                                                              const v1::GetNewCallsRequest* request,
-                                                              v1::GetNewCallsResponse* response) {
-  return Respond(context, serving_, Reply::kWhenDurable, [&](CallSessionCore& core) {
-    return core.GetNewCalls(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::ListCalls(grpc::CallbackServerContext* context,
-                                                            const v1::ListCallsRequest* request,
-                                                            v1::ListCallsResponse* response) {
-  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
-    return core.ListCalls(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerUnaryReactor* CallSessionGrpcService::KeepAlive(grpc::CallbackServerContext* context,
-                                                            const v1::KeepAliveRequest* request,
-                                                            v1::KeepAliveResponse* response) {
-  return Respond(context, serving_, Reply::kAtOnce, [&](CallSessionCore& core) {
-    return core.KeepAlive(BearerToken(*context), *request, response);
-  });
-}
-
-grpc::ServerWriteReactor<v1::WatchEventsResponse>* CallSessionGrpcService::WatchEvents(
-    grpc::CallbackServerContext* context, const v1::WatchEventsRequest* request) {
-  return WatchEventsReactor::Start(context, serving_, BearerToken(*context), *request);
+  serving.AddUnary(this, &CallSessionGrpcService::RequestInitialize, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::InitializeRequest& request, v1::InitializeResponse* response) {
+                     return core.Initialize(CallerCredentials(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestShutdown, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::ShutdownRequest& request, v1::ShutdownResponse* response) {
+                     return core.Shutdown(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestLineOpen, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::LineOpenRequest& request, v1::LineOpenResponse* response) {
+                     return core.LineOpen(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestLineClose, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::LineCloseRequest& request, v1::LineCloseResponse* response) {
+                     return core.LineClose(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestMakeCall, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::MakeCallRequest& request, v1::MakeCallResponse* response) {
+                     return core.MakeCall(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestAnswer, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::AnswerRequest& request, v1::AnswerResponse* response) {
+                     return core.Answer(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestDrop, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::DropRequest& request, v1::DropResponse* response) {
+                     return core.Drop(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestGetCallInfo, Reply::kAtOnce,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::GetCallInfoRequest& request, v1::GetCallInfoResponse* response) {
+                     return core.GetCallInfo(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(
+      this, &CallSessionGrpcService::RequestGetCallStatus, Reply::kAtOnce,
+      [](CallSessionCore& core, grpc::ServerContext& context,
+         const v1::GetCallStatusRequest& request, v1::GetCallStatusResponse* response) {
+        return core.GetCallStatus(BearerToken(context), request, response);
+      });
+  serving.AddUnary(
+      this, &CallSessionGrpcService::RequestDeallocateCall, Reply::kWhenDurable,
+      [](CallSessionCore& core, grpc::ServerContext& context,
+         const v1::DeallocateCallRequest& request, v1::DeallocateCallResponse* response) {
+        return core.DeallocateCall(BearerToken(context), request, response);
+      });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestGetNewCalls, Reply::kWhenDurable,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::GetNewCallsRequest& request, v1::GetNewCallsResponse* response) {
+                     return core.GetNewCalls(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestListCalls, Reply::kAtOnce,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::ListCallsRequest& request, v1::ListCallsResponse* response) {
+                     return core.ListCalls(BearerToken(context), request, response);
+                   });
+  serving.AddUnary(this, &CallSessionGrpcService::RequestKeepAlive, Reply::kAtOnce,
+                   [](CallSessionCore& core, grpc::ServerContext& context,
+                      const v1::KeepAliveRequest& request, v1::KeepAliveResponse* response) {
+                     return core.KeepAlive(BearerToken(context), request, response);
+                   });
 }
 
 }  // namespace callsession

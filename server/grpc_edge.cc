@@ -39,21 +39,6 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(code, std::move(message), details.SerializeAsString());
 }
 
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
-                                      const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
-
-grpc::ServerUnaryReactor* FinishWhenDurable(grpc::CallbackServerContext* context,
-                                            CallSessionCore& core, absl::Status status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  core.WhenChangesDurable(
-      [reactor, reply = ToGrpcStatus(status)]() mutable { reactor->Finish(reply); });
-  return reactor;
-}
-
 absl::string_view BearerToken(const grpc::ServerContextBase& context) {
   constexpr absl::string_view kScheme = "Bearer ";
   const auto& metadata = context.client_metadata();

@@ -7,7 +7,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "grpcpp/server_context.h"
-#include "grpcpp/support/server_callback.h"
 #include "grpcpp/support/status.h"
 #include "server/core/call_session_core.h"
 #include "server/serving_core.h"
@@ -21,16 +20,6 @@ namespace callsession {
 // that one.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-// Finishes a unary callback RPC with ToGrpcStatus(status).
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context,
-                                      const absl::Status& status);
-
-// Finishes a unary callback RPC with ToGrpcStatus(status) once every change
-// the core has made so far is durable (see
-// CallSessionCore::WhenChangesDurable); never blocks the calling thread.
-grpc::ServerUnaryReactor* FinishWhenDurable(grpc::CallbackServerContext* context,
-                                            CallSessionCore& core, absl::Status status);
-
 // When a unary RPC's reply may leave.
 enum class Reply {
   kAtOnce,       // reads: they acknowledge no change
@@ -41,22 +30,6 @@ enum class Reply {
 // address and the reason, at most 10 lines a second (bursts of 20); the
 // lines held back are counted in the next one's `suppressed`.
 void LogAuthenticationFailure(const grpc::ServerContextBase& context, const absl::Status& status);
-
-// Runs `call` (a callable taking CallSessionCore&, returning absl::Status)
-// on the serving core and finishes the RPC with its status, as `reply`
-// says. UNAVAILABLE, without running it, while the core is not ready.
-template <typename Call>
-grpc::ServerUnaryReactor* Respond(grpc::CallbackServerContext* context, const ServingCore& serving,
-                                  Reply reply, Call&& call) {
-  absl::StatusOr<CallSessionCore*> core = serving.Get();
-  if (!core.ok()) return FinishUnary(context, core.status());
-  absl::Status status = std::forward<Call>(call)(**core);
-  if (status.code() == absl::StatusCode::kUnauthenticated) {
-    LogAuthenticationFailure(*context, status);
-  }
-  if (reply == Reply::kAtOnce) return FinishUnary(context, status);
-  return FinishWhenDurable(context, **core, std::move(status));
-}
 
 // The token of an `authorization: Bearer <token>` header ("Bearer" in any
 // case), or "" if there is none or more than one. Points into the

@@ -54,14 +54,19 @@ const char* RpcTypeName(grpc::experimental::ServerRpcInfo::Type type) {
   return "unary";
 }
 
-// Times one RPC from its arrival to its status.
+// Times one RPC from its arrival to its status. An interceptor is also made
+// for each call the server had asked for and never got (at shutdown):
+// those never receive metadata, and are not counted.
 class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  explicit MetricsInterceptor(MethodMetrics& metrics) : metrics_(metrics), start_(absl::Now()) {
-    metrics_.started->Increment();
-  }
+  explicit MetricsInterceptor(MethodMetrics& metrics) : metrics_(metrics) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::POST_RECV_INITIAL_METADATA)) {
+      start_ = absl::Now();
+      metrics_.started->Increment();
+    }
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       const int code = static_cast<int>(methods->GetSendStatus().error_code());
@@ -73,7 +78,7 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
 
  private:
   MethodMetrics& metrics_;
-  const absl::Time start_;
+  absl::Time start_ = absl::Now();
 };
 
 class MetricsInterceptorFactory final

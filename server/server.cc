@@ -9,9 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "grpc/grpc.h"
-#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/impl/server_builder_option.h"
 #include "grpcpp/impl/server_builder_plugin.h"
 #include "grpcpp/security/server_credentials.h"
@@ -138,15 +136,13 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   server->leader_gate_ = options.leader_gate;
   if (server->leader_gate_ != nullptr) server->serving_.SetGate(server->leader_gate_.get());
   server->call_session_service_ = std::make_unique<CallSessionGrpcService>(&server->serving_);
-  server->provider_service_ = std::make_unique<ProviderGrpcService>(&server->serving_);
+  server->provider_service_ = std::make_unique<ProviderGrpcService>();
   server->admin_service_ =
       std::make_unique<AdminGrpcService>(&server->serving_, options.admin_token);
 
-  grpc::EnableDefaultHealthCheckService(true);
-  // gRPC's health service is built in without a protobuf descriptor; using
-  // the generated messages links theirs in, so that reflection can describe
-  // grpc.health.v1.Health (grpcurl, buf curl).
-  (void)grpc::health::v1::HealthCheckRequest::descriptor();
+  // Ours instead of gRPC's built-in one (see health_service.h).
+  grpc::EnableDefaultHealthCheckService(false);
+  server->health_service_ = std::make_unique<HealthService>();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   if (!options.reflection) builder.SetOption(std::make_unique<WithoutReflection>());
@@ -170,6 +166,13 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   builder.RegisterService(server->call_session_service_.get());
   builder.RegisterService(server->provider_service_.get());
   builder.RegisterService(server->admin_service_.get());
+  builder.RegisterService(server->health_service_.get());
+  // One serving thread per core.
+  server->async_serving_ = std::make_unique<AsyncServing>(
+      &server->serving_, static_cast<int>(std::thread::hardware_concurrency()));
+  server->call_session_service_->ServeThrough(*server->async_serving_);
+  server->provider_service_->ServeThrough(*server->async_serving_);
+  server->async_serving_->AddCompletionQueues(builder);
 
   if (!options.metrics_address.empty()) {
     CS_ASSIGN_OR_RETURN(server->metrics_,
@@ -186,14 +189,15 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
+  server->async_serving_->Start();
   server->address_ = absl::StrCat(host, ":", server->port_);
   // The overall status ("") and each service's: probes may ask for either.
   // NOT_SERVING until the core is loaded.
-  grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
+  HealthService* health = server->health_service_.get();
   const char* const services[] = {v1::CallSessionService::service_full_name(),
                                   v1::ProviderService::service_full_name()};
-  health->SetServingStatus(false);
-  for (const char* service : services) health->SetServingStatus(service, false);
+  health->Set("", false);
+  for (const char* service : services) health->Set(service, false);
   if (options.on_listening) options.on_listening(server->address_);
   if (server->leader_gate_ != nullptr) {
     // A standby that follows the leader is healthy (the overall status, for
@@ -201,7 +205,7 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
     // the leader takes traffic).
     ServerMetrics* metrics = server->metrics_.get();
     server->leader_gate_->SetOnFollowing([health, metrics] {
-      health->SetServingStatus("", true);
+      health->Set("", true);
       if (metrics != nullptr) metrics->SetStandby(true);
     });
   }
@@ -214,8 +218,7 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
         options.tenants_file, tenants_identity, tenants_sha256, server->core_.get(),
         server->metrics_.get(), options.tenants_check_interval);
   }
-  health->SetServingStatus(true);
-  for (const char* service : services) health->SetServingStatus(service, true);
+  health->SetAll(true);
   if (server->metrics_ != nullptr) {
     server->metrics_->SetStandby(false);
     server->metrics_->SetServing(true);
@@ -294,14 +297,17 @@ void CallSessionServer::Shutdown(absl::Duration grace) {
   // Clients cannot renew leases while the server drains.
   stop_leases_.Notify();
   if (lease_thread_.joinable()) lease_thread_.join();
-  server_->GetHealthCheckService()->SetServingStatus(false);  // every service
+  health_service_->SetAll(false);
   if (metrics_ != nullptr) metrics_->SetServing(false);
   Log(LogLevel::kInfo, "health_not_serving");
   if (core_ != nullptr) {
     core_->EndAllSubscriptions(absl::UnavailableError("the server is shutting down"));
   }
+  // Health watches end (their streams would hold the drain to its end).
+  health_service_->Shutdown();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   server_->Wait();
+  async_serving_->Shutdown();
 }
 
 }  // namespace callsession

@@ -17,10 +17,12 @@
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
 #include "server/admin_service.h"
+#include "server/async_serving.h"
 #include "server/call_session_service.h"
 #include "server/core/call_session_core.h"
 #include "server/core/journal.h"
 #include "server/core/leadership.h"
+#include "server/health_service.h"
 #include "server/metrics.h"
 #include "server/provider_service.h"
 #include "server/serving_core.h"
@@ -145,6 +147,9 @@ class CallSessionServer {
   std::unique_ptr<CallSessionGrpcService> call_session_service_;
   std::unique_ptr<ProviderGrpcService> provider_service_;
   std::unique_ptr<AdminGrpcService> admin_service_;
+  std::unique_ptr<HealthService> health_service_;
+  // Its queues outlive the server, which is shut down before them.
+  std::unique_ptr<AsyncServing> async_serving_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::string address_;

@@ -1,0 +1,89 @@
+#include "server/async_serving.h"
+
+#include <algorithm>
+
+#include "grpc/support/time.h"
+#include "server/core/journal.h"
+
+namespace callsession {
+namespace {
+
+// Calls of each method asked for ahead on each queue: a request that
+// arrives when none is waiting is held by gRPC until one is.
+constexpr int kAwaitedPerMethod = 16;
+
+}  // namespace
+
+AsyncServing::AsyncServing(const ServingCore* serving, int threads)
+    : serving_(*serving), thread_count_(std::max(threads, 1)) {}
+
+AsyncServing::~AsyncServing() {
+  if (!threads_.empty()) Shutdown();
+}
+
+void AsyncServing::AddCompletionQueues(grpc::ServerBuilder& builder) {
+  for (int i = 0; i < thread_count_; ++i) queues_.push_back(builder.AddCompletionQueue());
+}
+
+void AsyncServing::Start() {
+  for (auto& queue : queues_) {
+    for (auto& await : awaiters_) {
+      for (int i = 0; i < kAwaitedPerMethod; ++i) await(queue.get());
+    }
+  }
+  for (auto& queue : queues_) {
+    threads_.emplace_back([this, queue = queue.get()] { Serve(queue); });
+  }
+}
+
+void AsyncServing::Shutdown() {
+  for (auto& queue : queues_) queue->Shutdown();
+  for (std::thread& thread : threads_) thread.join();
+  threads_.clear();
+}
+
+void AsyncServing::Serve(grpc::ServerCompletionQueue* queue) {
+  CallerWritesScope caller_writes;
+  Burst burst(serving_);
+  void* tag = nullptr;
+  bool ok = false;
+  while (queue->Next(&tag, &ok)) {
+    static_cast<Tag*>(tag)->Proceed(ok, burst);
+    // The rest of what is queued, without waiting.
+    for (int taken = 1; taken < kMaxBurst; ++taken) {
+      if (queue->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) !=
+          grpc::CompletionQueue::GOT_EVENT) {
+        break;
+      }
+      static_cast<Tag*>(tag)->Proceed(ok, burst);
+    }
+    burst.End();
+  }
+}
+
+void AsyncServing::Burst::ReplyWhenDurable(CallSessionCore& core, grpc::Status status,
+                                           std::function<void(const grpc::Status&)> finish) {
+  const uint64_t barrier = core.ChangesBarrier();
+  if (core.IsDurable(barrier)) return finish(status);
+  pending_.push_back(Pending{&core, barrier, std::move(status), std::move(finish)});
+}
+
+void AsyncServing::Burst::End() {
+  if (core_ == nullptr) return;
+  // Also when no reply waits: a request answered at once may have appended
+  // (a lease renewal), and what this thread appends nobody else writes.
+  core_->WriteChangesNow();
+  core_ = nullptr;
+  for (Pending& pending : pending_) {
+    if (pending.core->IsDurable(pending.barrier)) {
+      pending.finish(pending.status);
+    } else {
+      pending.core->WhenDurable(pending.barrier,
+                                [finish = std::move(pending.finish),
+                                 status = std::move(pending.status)]() { finish(status); });
+    }
+  }
+  pending_.clear();
+}
+
+}  // namespace callsession
