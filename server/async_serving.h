@@ -8,12 +8,12 @@
 // request on the core, and sends a reply at once when nothing waits for the
 // journal (reads; the memory store; a change already durable). Before it
 // waits again it writes the burst's changes itself (CallerWritesScope,
-// CallSessionCore::WriteChangesNow: RocksDB without sync) and sends the
-// replies that made durable: one batch per burst, and no other thread
-// between a request and its reply. A journal that cannot write on the
-// caller (RocksDB with sync, etcd) sends them from its own thread once
-// durable, as before. Either way no reply leaves before its change is
-// durable.
+// CallSessionCore::WriteChangesNow) and sends the replies that made
+// durable (RocksDB without sync): one batch per burst, and no other thread
+// between a request and its reply. The replies still waiting for a sync
+// (RocksDB with sync, whose sync runs on the journal's thread; etcd, which
+// writes on its own) are sent from the journal's thread once durable.
+// Either way no reply leaves before its change is durable.
 //
 // No service of the server may use gRPC's callback API: its threads would
 // poll the connections too, and hand most requests over to these threads

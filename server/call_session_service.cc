@@ -31,9 +31,9 @@ class WatchEventsCall final : public EventSink,
       absl::MutexLock lock(&call->mu_);
       call->self_ = call;
     }
-    call->context_.AsyncNotifyWhenDone(&call->done_);
+    call->context_.AsyncNotifyWhenDone(static_cast<AsyncServing::Tag*>(&call->done_));
     service->RequestWatchEvents(&call->context_, &call->request_, &call->writer_, queue, queue,
-                                &call->started_);
+                                static_cast<AsyncServing::Tag*>(&call->started_));
   }
 
   WatchEventsCall(CallSessionGrpcService* service, const ServingCore* serving,
@@ -92,7 +92,7 @@ class WatchEventsCall final : public EventSink,
       finish = TakePendingFinishLocked();
     }
     if (finish.has_value()) {
-      writer_.Finish(*finish, &finished_step_);
+      writer_.Finish(*finish, static_cast<AsyncServing::Tag*>(&finished_step_));
       return;
     }
     Pump();
@@ -128,7 +128,7 @@ class WatchEventsCall final : public EventSink,
       if (!subscription_->Next(response_.mutable_event())) return;
       writing_ = true;
     }
-    writer_.Write(response_, &written_);
+    writer_.Write(response_, static_cast<AsyncServing::Tag*>(&written_));
   }
 
   // Finishes now, or after the write in flight completes.
@@ -141,7 +141,8 @@ class WatchEventsCall final : public EventSink,
       if (writing_) return;
       finish = TakePendingFinishLocked();
     }
-    if (finish.has_value()) writer_.Finish(*finish, &finished_step_);
+    if (finish.has_value())
+      writer_.Finish(*finish, static_cast<AsyncServing::Tag*>(&finished_step_));
   }
 
   std::optional<grpc::Status> TakePendingFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -180,10 +180,30 @@ TEST_P(RocksDbJournalTest, NothingIsDurableBeforeItsSyncAndNoCallerWaitsForIt) {
   EXPECT_FALSE(durable.WaitForNotificationWithTimeout(absl::Milliseconds(200)));
   EXPECT_LT(journal.durable_position(), held);
 
+  // A caller that writes its own entries writes them, and does not wait
+  // for their sync either.
+  uint64_t written = 0;
+  absl::Notification written_durable;
+  absl::Notification written_returned;
+  std::thread writer([&] {
+    CallerWritesScope scope;
+    written = Put(journal, "written-by-caller");
+    EXPECT_FALSE(journal.WriteNow());
+    journal.WhenDurable(written, [&] { written_durable.Notify(); });
+    written_returned.Notify();
+  });
+  EXPECT_TRUE(written_returned.WaitForNotificationWithTimeout(absl::Seconds(10)))
+      << "a caller waited for the sync";
+  EXPECT_FALSE(written_durable.WaitForNotificationWithTimeout(absl::Milliseconds(200)));
+  EXPECT_LT(journal.durable_position(), held);
+
   fs_->Release();
   EXPECT_TRUE(durable.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  EXPECT_GE(journal.durable_position(), held);
+  EXPECT_TRUE(written_durable.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_GE(journal.durable_position(), written);
   caller.join();
+  writer.join();
+  EXPECT_EQ(Reopen().size(), 3u);
 }
 
 // With `caller_writes`, the caller appends in a CallerWritesScope and calls
@@ -263,10 +283,12 @@ TEST_P(RocksDbJournalTest, ACallerWritesWhatItAppendsInItsScope) {
     EXPECT_EQ(ran_on, std::this_thread::get_id());
     EXPECT_EQ(journal.Stats().batches, 1u) << "the burst was not one batch";
   } else {
-    // A sync is never the caller's: the writer threads write as always.
+    // The caller writes the burst; the sync is the writer threads'.
     EXPECT_FALSE(journal.WriteNow());
     ASSERT_TRUE(ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
     EXPECT_NE(ran_on, std::this_thread::get_id());
+    EXPECT_EQ(journal.Stats().batches, 1u) << "the burst was not one batch";
+    EXPECT_GE(journal.Stats().syncs, 1u);
   }
   EXPECT_TRUE(journal.WriteNow()) << "everything is durable now";
   EXPECT_EQ(Reopen().size(), 10u);

@@ -22,6 +22,7 @@ DurableWaiters::Callback DurableWaiters::WaitFor(uint64_t position, Callback don
 std::vector<DurableWaiters::Callback> DurableWaiters::MarkDurable(uint64_t position) {
   std::vector<Callback> due;
   absl::MutexLock lock(&mu_);
+  if (position <= durable_.load(std::memory_order_relaxed)) return due;
   durable_.store(position, std::memory_order_release);
   auto still_waiting =
       std::partition(waiting_.begin(), waiting_.end(),

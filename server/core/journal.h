@@ -94,13 +94,15 @@ class Journal {
   // `done` must not block. Any thread.
   virtual void WhenDurable(uint64_t position, absl::AnyInvocable<void() &&> done) = 0;
 
-  // Writes every entry appended so far on the calling thread and runs the
-  // callbacks that become due here, if the engine can make them durable
-  // without waiting for a sync or the network (RocksDB with --sync=false);
-  // returns whether everything appended before the call is durable now.
-  // False (at once) from engines that cannot, or while another thread is
-  // writing: then the engine's own threads write it, as always. The caller
-  // must hold no lock a WhenDurable callback may take. Any thread.
+  // Writes every entry appended so far on the calling thread, if the
+  // engine can without waiting for a sync, a write stall or the network
+  // (RocksDB: the write; its sync, with --sync=true, is left to the
+  // engine's threads), and runs the callbacks that become due here. Returns
+  // whether everything appended before the call is durable now. False at
+  // once from engines that cannot write on the caller (etcd), or while
+  // another thread is writing: then the engine's own threads write it, as
+  // always. The caller must hold no lock a WhenDurable callback may take.
+  // Any thread.
   //
   // Entries appended inside a CallerWritesScope are left for the caller's
   // WriteNow instead of waking the engine's threads for them: a serving
@@ -149,9 +151,9 @@ class DurableWaiters {
   // Journal::WhenDurable never runs it on its caller's).
   Callback WaitFor(uint64_t position, Callback done);
 
-  // Raises the durable position to `position` and returns the callbacks it
-  // covers, for the engine to run. Positions only grow: one thread (the
-  // engine's writer of the moment) calls this, in order.
+  // Raises the durable position to `position` (a lower one than it already
+  // is changes nothing: a sync and a synced write may finish in either
+  // order) and returns the callbacks it covers, for the engine to run.
   std::vector<Callback> MarkDurable(uint64_t position);
 
  private:

@@ -60,14 +60,18 @@ class BatchWriter final : public JournalWriter {
 // then runs the callbacks of what it wrote, while the other thread is
 // already writing the next batch. Batches are written strictly one after
 // another, in append order.
+//
+// A caller's WriteNow takes the writer's turn the same way. Without sync
+// its batch is durable once written. With sync it writes without syncing
+// and leaves the sync to the writer threads: one SyncWAL covers every batch
+// written before it began, while callers go on writing the next ones.
 class RocksDbJournal final : public Journal {
  public:
   RocksDbJournal(std::unique_ptr<rocksdb::DB> db, std::string dir, bool sync)
       : db_(std::move(db)), dir_(std::move(dir)) {
     write_options_.sync = sync;
-    // Without a sync, a write is as cheap on a serving thread as on ours.
-    caller_writes_ = !sync;
-    caller_write_options_ = write_options_;
+    // A caller writes; a sync is never its to wait for.
+    caller_write_options_.sync = false;
     caller_write_options_.no_slowdown = true;
     for (std::thread& thread : threads_) thread = std::thread([this] { Run(); });
   }
@@ -113,7 +117,7 @@ class RocksDbJournal final : public Journal {
     write(writer, position);
     if (pending_entries_++ == 0) first_pending_ = absl::Now();
     // Left for the caller's WriteNow: the writer threads are not woken.
-    if (!caller_writes_ || !CallerWritesScope::Active()) unclaimed_ = true;
+    if (!CallerWritesScope::Active()) unclaimed_ = true;
     appended_.store(position, std::memory_order_release);
     return position;
   }
@@ -132,7 +136,6 @@ class RocksDbJournal final : public Journal {
   bool WriteNow() override {
     const uint64_t target = appended_.load(std::memory_order_acquire);
     if (waiters_.durable_position() >= target) return true;
-    if (!caller_writes_) return false;
     Batch batch;
     {
       absl::MutexLock lock(&mu_);
@@ -157,7 +160,7 @@ class RocksDbJournal final : public Journal {
       spare_ = std::move(batch.records);
     }
     for (auto& done : *due) std::move(done)();
-    return true;
+    return !write_options_.sync;
   }
 
   absl::Status Checkpoint(const std::string& dir) override {
@@ -190,13 +193,20 @@ class RocksDbJournal final : public Journal {
     stats.entries = appended_.load(std::memory_order_relaxed);
     stats.batches = batches_.load(std::memory_order_relaxed);
     stats.bytes = bytes_.load(std::memory_order_relaxed);
-    // One sync per batch, with sync=true.
-    stats.syncs = write_options_.sync ? stats.batches : 0;
+    stats.syncs = syncs_.load(std::memory_order_relaxed);
     return stats;
   }
 
  private:
   using Callbacks = std::vector<absl::AnyInvocable<void() &&>>;
+
+  // Batches written by callers and not yet synced.
+  struct Unsynced {
+    uint64_t last = 0;  // position of the last entry
+    uint64_t entries = 0;
+    uint64_t bytes = 0;
+    absl::Time first;  // when the first entry was appended
+  };
 
   // The entries one writer took.
   struct Batch {
@@ -225,11 +235,12 @@ class RocksDbJournal final : public Journal {
     return batch;
   }
 
-  // Writes (and with sync, syncs) the batch, marks it durable, hands the
-  // writer's turn back, and returns the callbacks now due; leaves the batch
-  // cleared. With `options.no_slowdown`, returns nullopt instead of waiting
-  // out a write stall, having written nothing and kept the turn. Exits the
-  // process if the write fails.
+  // Writes the batch with `options`, hands the writer's turn back, and
+  // returns the callbacks now due; leaves the batch cleared. The batch is
+  // durable (and marked so) if it was synced or the journal does not sync;
+  // otherwise it waits for the next SyncWAL. With `options.no_slowdown`,
+  // returns nullopt instead of waiting out a write stall, having written
+  // nothing and kept the turn. Exits the process if the write fails.
   std::optional<Callbacks> WriteBatch(Batch& batch, const rocksdb::WriteOptions& options) {
     const size_t bytes = batch.records->GetDataSize();
     const rocksdb::Status status = db_->Write(options, batch.records.get());
@@ -244,16 +255,48 @@ class RocksDbJournal final : public Journal {
     batch.records->Clear();
     batches_.fetch_add(1, std::memory_order_relaxed);
     bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    if (options.sync) syncs_.fetch_add(1, std::memory_order_relaxed);
 
+    if (write_options_.sync && !options.sync) {
+      absl::MutexLock lock(&mu_);
+      if (unsynced_.entries == 0) unsynced_.first = batch.first;
+      unsynced_.last = batch.last;
+      unsynced_.entries += batch.entries;
+      unsynced_.bytes += bytes;
+      writing_ = false;
+      return Callbacks();
+    }
     Callbacks due = waiters_.MarkDurable(batch.last);
     {
       // Another thread may write the next batch while this one runs the
-      // callbacks.
+      // callbacks. A sync also covers what callers wrote before.
       absl::MutexLock lock(&mu_);
       writing_ = false;
+      if (unsynced_.last <= batch.last) unsynced_ = Unsynced();
     }
     if (batch.observer != nullptr) {
       batch.observer->OnBatchDurable(absl::Now() - batch.first, batch.entries, bytes);
+    }
+    return due;
+  }
+
+  // Syncs the WAL, making what callers wrote before (`written`) durable;
+  // returns the callbacks now due. Exits the process if the sync fails.
+  Callbacks SyncWritten(const Unsynced& written, JournalObserver* observer) {
+    const rocksdb::Status status = db_->SyncWAL();
+    if (!status.ok()) {
+      Log(LogLevel::kError, "journal_write_failed",
+          {{"data_dir", dir_}, {"error", status.ToString()}});
+      std::_Exit(kJournalFailureExitCode);
+    }
+    syncs_.fetch_add(1, std::memory_order_relaxed);
+    Callbacks due = waiters_.MarkDurable(written.last);
+    {
+      absl::MutexLock lock(&mu_);
+      syncing_ = false;
+    }
+    if (observer != nullptr) {
+      observer->OnBatchDurable(absl::Now() - written.first, written.entries, written.bytes);
     }
     return due;
   }
@@ -266,15 +309,23 @@ class RocksDbJournal final : public Journal {
   }
 
   // Something for a thread to do: write (if no other thread is writing),
-  // run ready callbacks, or stop.
+  // sync what callers wrote (if no other thread is syncing), run ready
+  // callbacks, or stop.
   bool HasWorkLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return (!writing_ && unclaimed_) || stalled_.has_value() || !ready_.empty() || stopping_;
+    return (!writing_ && unclaimed_) || stalled_.has_value() || SyncDueLocked() ||
+           !ready_.empty() || stopping_;
+  }
+
+  bool SyncDueLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return unsynced_.entries > 0 && !syncing_;
   }
 
   void Run() {
     auto empty = std::make_unique<rocksdb::WriteBatch>();
     for (;;) {
       Batch batch;
+      std::optional<Unsynced> to_sync;
+      JournalObserver* observer = nullptr;
       Callbacks ready;
       {
         absl::MutexLock lock(&mu_);
@@ -285,14 +336,22 @@ class RocksDbJournal final : public Journal {
           stalled_.reset();
         } else if (!writing_ && pending_entries_ > 0 && (unclaimed_ || stopping_)) {
           batch = TakePendingLocked(std::move(empty));
-        } else if (ready.empty() && stopping_ && !writing_) {
-          return;  // everything appended is written, every callback run
+        } else if (SyncDueLocked()) {
+          syncing_ = true;
+          to_sync = std::exchange(unsynced_, Unsynced());
+          observer = observer_;
+        } else if (ready.empty() && stopping_ && !writing_ && !syncing_) {
+          return;  // everything appended is durable, every callback run
         }
       }
       for (auto& done : ready) std::move(done)();
-      if (batch.entries == 0) continue;
-      Callbacks due = *WriteBatch(batch, write_options_);
-      empty = std::move(batch.records);
+      Callbacks due;
+      if (batch.entries > 0) {
+        due = *WriteBatch(batch, write_options_);
+        empty = std::move(batch.records);
+      } else if (to_sync.has_value()) {
+        due = SyncWritten(*to_sync, observer);
+      }
       for (auto& callback : due) std::move(callback)();
     }
   }
@@ -300,7 +359,6 @@ class RocksDbJournal final : public Journal {
   const std::unique_ptr<rocksdb::DB> db_;
   const std::string dir_;
   rocksdb::WriteOptions write_options_;
-  bool caller_writes_ = false;
   rocksdb::WriteOptions caller_write_options_;
 
   absl::Mutex mu_;
@@ -317,6 +375,10 @@ class RocksDbJournal final : public Journal {
       std::make_unique<rocksdb::WriteBatch>();
   // A thread has the writer's turn.
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // With sync: what callers wrote since the last sync began, and whether a
+  // thread is syncing.
+  Unsynced unsynced_ ABSL_GUARDED_BY(mu_);
+  bool syncing_ ABSL_GUARDED_BY(mu_) = false;
   // A batch a caller's WriteNow could not write without waiting for a
   // stall, with the writer's turn: for the writer threads.
   std::optional<Batch> stalled_ ABSL_GUARDED_BY(mu_);
@@ -331,6 +393,7 @@ class RocksDbJournal final : public Journal {
   std::atomic<uint64_t> appended_{0};
   std::atomic<uint64_t> batches_{0};
   std::atomic<uint64_t> bytes_{0};
+  std::atomic<uint64_t> syncs_{0};
 
   std::thread threads_[2];
 };
