@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Runs every callsession benchmark in one go and writes the results.
 
-    run_benchmarks.py BUILD_DIR OUT_DIR [--quick] [--only=SECTION,...]
+    run_benchmarks.py BUILD_DIR OUT_DIR [--quick] [--only=SECTION,...] [--repeats=N]
 
 SECTION: micro, transport, loadgen, memory, durability, tenants, ha (default:
 all).
@@ -52,7 +52,8 @@ BUILD, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
             ["micro", "transport", "loadgen", "memory", "durability", "tenants", "ha"])
-REPEATS = 1 if QUICK else 3
+REPEATS = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--repeats=")),
+               1 if QUICK else 3)
 TOKEN = "bench-provider-token"
 H2_CONNECTIONS, H2_STREAMS = 4, 16  # 64 requests in flight
 H2_REQUESTS = 50_000 if QUICK else 200_000

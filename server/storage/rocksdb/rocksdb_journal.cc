@@ -139,13 +139,19 @@ class RocksDbJournal final : public Journal {
     Batch batch;
     {
       absl::MutexLock lock(&mu_);
+      // Another caller's write is short (no sync, never a stall): wait for
+      // it, rather than hand these entries to the writer threads.
+      mu_.Await(absl::Condition(
+          +[](bool* caller_writing) { return !*caller_writing; }, &caller_writing_));
+      if (waiters_.durable_position() >= target) return true;
       if (writing_ || pending_entries_ == 0) {
-        // Another thread has the writer's turn (and perhaps these entries):
-        // what is pending goes in its next batch.
+        // A writer thread has the turn (and perhaps these entries): what is
+        // pending goes in its next batch.
         unclaimed_ = pending_entries_ > 0;
         return false;
       }
       batch = TakePendingLocked(std::move(spare_));
+      caller_writing_ = true;
     }
     // A caller never waits for a write stall (a flush or compaction
     // behind): the batch goes to the writer threads, which do wait.
@@ -153,6 +159,7 @@ class RocksDbJournal final : public Journal {
     if (!due.has_value()) {
       absl::MutexLock lock(&mu_);
       stalled_ = std::move(batch);
+      caller_writing_ = false;
       return false;
     }
     {
@@ -264,6 +271,7 @@ class RocksDbJournal final : public Journal {
       unsynced_.entries += batch.entries;
       unsynced_.bytes += bytes;
       writing_ = false;
+      caller_writing_ = false;
       return Callbacks();
     }
     Callbacks due = waiters_.MarkDurable(batch.last);
@@ -272,6 +280,7 @@ class RocksDbJournal final : public Journal {
       // callbacks. A sync also covers what callers wrote before.
       absl::MutexLock lock(&mu_);
       writing_ = false;
+      caller_writing_ = false;
       if (unsynced_.last <= batch.last) unsynced_ = Unsynced();
     }
     if (batch.observer != nullptr) {
@@ -373,8 +382,9 @@ class RocksDbJournal final : public Journal {
   // A cleared batch for WriteNow to leave in pending_'s place.
   std::unique_ptr<rocksdb::WriteBatch> spare_ ABSL_GUARDED_BY(mu_) =
       std::make_unique<rocksdb::WriteBatch>();
-  // A thread has the writer's turn.
+  // A thread has the writer's turn; a caller's WriteNow has it.
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool caller_writing_ ABSL_GUARDED_BY(mu_) = false;
   // With sync: what callers wrote since the last sync began, and whether a
   // thread is syncing.
   Unsynced unsynced_ ABSL_GUARDED_BY(mu_);
