@@ -1,7 +1,11 @@
 #include "server/async_serving.h"
 
-#include <algorithm>
+#include <pthread.h>
 
+#include <algorithm>
+#include <string>
+
+#include "absl/strings/str_cat.h"
 #include "grpc/support/time.h"
 #include "server/core/journal.h"
 
@@ -33,6 +37,9 @@ void AsyncServing::Start() {
   }
   for (auto& queue : queues_) {
     threads_.emplace_back([this, queue = queue.get()] { Serve(queue); });
+    // Named for top -H, perf and /proc/PID/task/*/comm (15 characters).
+    const std::string name = absl::StrCat("serving-", threads_.size() - 1);
+    pthread_setname_np(threads_.back().native_handle(), name.substr(0, 15).c_str());
   }
 }
 

@@ -87,6 +87,9 @@ ABSL_FLAG(std::string, tls_client_ca, "",
 ABSL_FLAG(int32_t, max_receive_message_bytes, 16 * 1024,
           "largest request accepted; larger ones fail with RESOURCE_EXHAUSTED");
 ABSL_FLAG(int32_t, max_concurrent_streams, 1024, "concurrent RPCs per client connection");
+ABSL_FLAG(int32_t, serving_threads, 0,
+          "threads serving the RPCs, each with its own completion queue; 0: one per CPU this "
+          "process may run on");
 ABSL_FLAG(absl::Duration, keepalive_time, absl::Seconds(60),
           "ping idle connections this often to detect dead clients");
 ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
@@ -138,6 +141,7 @@ constexpr const char* kFlagsFromEnvironment[] = {"listen",
                                                  "tls_client_ca",
                                                  "max_receive_message_bytes",
                                                  "max_concurrent_streams",
+                                                 "serving_threads",
                                                  "keepalive_time",
                                                  "keepalive_timeout",
                                                  "min_client_ping_interval",
@@ -289,6 +293,10 @@ int main(int argc, char** argv) {
                  absl::GetFlag(FLAGS_tls_client_ca)};
   options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.serving_threads = absl::GetFlag(FLAGS_serving_threads);
+  if (options.serving_threads < 0) {
+    return Refuse(absl::InvalidArgumentError("serving_threads must be >= 0"));
+  }
   options.keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
   options.keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
   options.min_client_ping_interval = absl::GetFlag(FLAGS_min_client_ping_interval);

@@ -1,5 +1,7 @@
 #include "server/server.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
@@ -79,6 +81,15 @@ class WithoutReflection final : public grpc::ServerBuilderOption {
                    plugins->end());
   }
 };
+
+// The CPUs this process may run on (taskset, a cpuset); at least 1.
+int CpusAvailable() {
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) > 0) {
+    return CPU_COUNT(&cpus);
+  }
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
 
 int Millis(absl::Duration d) {
   return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), INT32_MAX));
@@ -167,9 +178,8 @@ absl::StatusOr<std::unique_ptr<CallSessionServer>> CallSessionServer::Start(Serv
   builder.RegisterService(server->provider_service_.get());
   builder.RegisterService(server->admin_service_.get());
   builder.RegisterService(server->health_service_.get());
-  // One serving thread per core.
   server->async_serving_ = std::make_unique<AsyncServing>(
-      &server->serving_, static_cast<int>(std::thread::hardware_concurrency()));
+      &server->serving_, options.serving_threads > 0 ? options.serving_threads : CpusAvailable());
   server->call_session_service_->ServeThrough(*server->async_serving_);
   server->provider_service_->ServeThrough(*server->async_serving_);
   server->async_serving_->AddCompletionQueues(builder);

@@ -66,6 +66,9 @@ struct ServerOptions {
   int max_receive_message_bytes = 16 * 1024;
   // Concurrent RPCs (HTTP/2 streams) per client connection.
   int max_concurrent_streams = 1024;
+  // Threads serving the RPCs (see AsyncServing); 0: one per CPU this
+  // process may run on (its affinity mask).
+  int serving_threads = 0;
   // Server reflection (for grpcurl, ghz, buf curl).
   bool reflection = true;
   // host:port for /metrics; empty: no metrics endpoint, no per-RPC metrics.

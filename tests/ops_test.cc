@@ -3,6 +3,7 @@
 // limits, and graceful shutdown under load.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -279,6 +280,34 @@ TEST(OpsTest, LogsAreOneJsonObjectPerLineAndNeverHoldATokenAtAnyLevel) {
   EXPECT_TRUE(absl::StrContains(log, absl::StrCat("\"line_handle\":", *line)));
 }
 
+// Threads of process `pid` whose name starts with `prefix`.
+int ThreadsNamed(pid_t pid, const std::string& prefix) {
+  int count = 0;
+  for (const auto& task :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"))) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (absl::StartsWith(name, prefix)) ++count;
+  }
+  return count;
+}
+
+TEST(OpsTest, ServingThreadsAreOnePerCpuOrAsManyAsAsked) {
+  cpu_set_t cpus;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(cpus), &cpus), 0);
+  for (int asked : {0, 3}) {
+    Daemon daemon({"--listen=127.0.0.1:0", absl::StrCat("--serving_threads=", asked)},
+                  Environment());
+    const std::string address = daemon.WaitUntilListening();
+    ASSERT_FALSE(address.empty()) << daemon.log();
+    CallSessionClient app(Insecure(address));
+    ASSERT_THAT(app.Initialize("threads"), IsOk());  // served by them
+    EXPECT_EQ(ThreadsNamed(daemon.pid(), "serving-"), asked > 0 ? asked : CPU_COUNT(&cpus))
+        << "--serving_threads=" << asked;
+  }
+}
+
 TEST(OpsTest, LogLevelFiltersLines) {
   const std::string address = absl::StrCat("127.0.0.1:", FreePort());
   Daemon daemon({"--listen=" + address, "--log_level=warning"}, Environment());
@@ -378,6 +407,7 @@ TEST(OpsTest, InvalidValuesRefuseToStartWithAClearMessage) {
       {{"--max_receive_message_bytes=10"}, {}, "max_receive_message_bytes"},
       {{"--store=redis"}, {}, "--store must be rocksdb, etcd or memory"},
       {{}, {"CALLSESSION_SYNC=maybe"}, "CALLSESSION_SYNC"},
+      {{"--serving_threads=-1"}, {}, "serving_threads must be >= 0"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> flags = c.flags;
