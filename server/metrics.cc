@@ -95,14 +95,17 @@ class MetricsInterceptorFactory final
 };
 
 // Journal batches as they become durable.
+// Shares the registry: the journal's threads may report after the server's
+// metrics are gone.
 class JournalMetrics final : public JournalObserver {
  public:
-  explicit JournalMetrics(prometheus::Registry& registry)
-      : commit_seconds_(prometheus::BuildHistogram()
+  explicit JournalMetrics(std::shared_ptr<prometheus::Registry> registry)
+      : registry_(std::move(registry)),
+        commit_seconds_(prometheus::BuildHistogram()
                             .Name("callsession_journal_commit_seconds")
                             .Help("From a journal batch's first entry to the batch being durable "
                                   "(queueing, write and sync).")
-                            .Register(registry)
+                            .Register(*registry_)
                             .Add({}, prometheus::Histogram::BucketBoundaries{
                                          0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                                          0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})) {}
@@ -112,6 +115,7 @@ class JournalMetrics final : public JournalObserver {
   }
 
  private:
+  const std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Histogram& commit_seconds_;
 };
 
@@ -342,7 +346,7 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
   std::unique_ptr<ServerMetrics> metrics(new ServerMetrics());
   metrics->registry_ = std::make_shared<prometheus::Registry>();
   metrics->core_collector_ = std::make_shared<CoreCollector>(serving);
-  metrics->journal_observer_ = std::make_unique<JournalMetrics>(*metrics->registry_);
+  metrics->journal_observer_ = std::make_shared<JournalMetrics>(metrics->registry_);
   metrics->recovery_seconds_ =
       &prometheus::BuildGauge()
            .Name("callsession_recovery_seconds")
@@ -394,7 +398,7 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Start(
 
 ServerMetrics::~ServerMetrics() = default;
 
-JournalObserver* ServerMetrics::journal_observer() { return journal_observer_.get(); }
+std::shared_ptr<JournalObserver> ServerMetrics::journal_observer() { return journal_observer_; }
 
 void ServerMetrics::SetRecoverySeconds(double seconds) { recovery_seconds_->Set(seconds); }
 

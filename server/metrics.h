@@ -77,7 +77,7 @@ class ServerMetrics {
   int port() const { return port_; }
 
   // Records journal commits (see Journal::SetObserver).
-  JournalObserver* journal_observer();
+  std::shared_ptr<JournalObserver> journal_observer();
   void SetRecoverySeconds(double seconds);
   // Follows the health service's overall status.
   void SetServing(bool serving);
@@ -101,7 +101,7 @@ class ServerMetrics {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<CoreCollector> core_collector_;
-  std::unique_ptr<JournalObserver> journal_observer_;
+  std::shared_ptr<JournalObserver> journal_observer_;
   prometheus::Gauge* recovery_seconds_ = nullptr;
   prometheus::Gauge* serving_ = nullptr;
   prometheus::Gauge* standby_ = nullptr;

@@ -70,7 +70,7 @@ class MemoryJournal final : public Journal {
   absl::Status Checkpoint(const std::string& dir) override {
     return absl::FailedPreconditionError("MemoryJournal takes no checkpoints");
   }
-  void SetObserver(JournalObserver* observer) override {}
+  void SetObserver(std::shared_ptr<JournalObserver> observer) override {}
   JournalStats Stats() const override {
     absl::MutexLock lock(&mu_);
     JournalStats stats;

@@ -245,7 +245,7 @@ TEST(OpsTest, MetricsFollowAScriptedLifecycle) {
                          {"grpc_method", "ForceLineClose"},
                          {"grpc_code", "OK"}}),
             1);
-  EXPECT_EQ(daemon.StopWith(SIGTERM), 0);
+  EXPECT_EQ(daemon.StopWith(SIGTERM), 0) << daemon.log();
 }
 
 // --- Logs -------------------------------------------------------------------------

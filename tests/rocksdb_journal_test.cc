@@ -3,8 +3,8 @@
 // is durable before its sync and no caller waits for it; no caller blocks
 // on a write stall; a caller in a CallerWritesScope writes its own entries
 // (without sync) and no other thread does; entries nobody waits for are
-// written too; closing drains; everything durable is in the store when it
-// is opened again.
+// written too; closing drains, reporting to an observer its owner let go;
+// everything durable is in the store when it is opened again.
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
 #include <atomic>
@@ -317,6 +317,30 @@ TEST_P(RocksDbJournalTest, ClosingWritesAndRunsEverythingPending) {
   journal_.reset();
   EXPECT_EQ(ran.load(), 100);
   EXPECT_EQ(Reopen().size(), 100u);
+}
+
+// The server's metrics (the observer's owner) go before its journal: the
+// batches still being written report to the observer they started with.
+TEST_P(RocksDbJournalTest, AnObserverOutlivesItsOwnerUntilTheLastBatchIsReported) {
+  struct CountingObserver final : JournalObserver {
+    explicit CountingObserver(std::shared_ptr<std::atomic<uint64_t>> entries)
+        : entries(std::move(entries)) {}
+    void OnBatchDurable(absl::Duration, uint64_t batch_entries, uint64_t) override {
+      entries->fetch_add(batch_entries);
+    }
+    std::shared_ptr<std::atomic<uint64_t>> entries;
+  };
+  auto reported = std::make_shared<std::atomic<uint64_t>>(0);
+  auto observer = std::make_shared<CountingObserver>(reported);
+  const std::weak_ptr<CountingObserver> watched = observer;
+  Journal& journal = Open();
+  journal.SetObserver(observer);
+  observer.reset();
+  for (int i = 0; i < 100; ++i) Put(journal, absl::StrCat("k/", i));
+  EXPECT_FALSE(watched.expired());
+  journal_.reset();
+  EXPECT_EQ(reported->load(), 100u);
+  EXPECT_TRUE(watched.expired()) << "the journal let go of it when it closed";
 }
 
 }  // namespace

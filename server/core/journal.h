@@ -117,8 +117,10 @@ class Journal {
   // INTERNAL on an I/O error. Any thread; may block on I/O.
   virtual absl::Status Checkpoint(const std::string& dir) = 0;
 
-  // Sets the observer (not owned; null to stop). Before the first Append.
-  virtual void SetObserver(JournalObserver* observer) = 0;
+  // Sets the observer (null to stop). Shared: a batch already being written
+  // keeps reporting to the observer it started with, however late it ends.
+  // Any thread.
+  virtual void SetObserver(std::shared_ptr<JournalObserver> observer) = 0;
 
   virtual JournalStats Stats() const = 0;
 };

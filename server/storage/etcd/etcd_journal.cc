@@ -171,9 +171,9 @@ class EtcdJournal final : public Journal {
         "the etcd store is backed up with etcd's own tools: etcdctl snapshot save");
   }
 
-  void SetObserver(JournalObserver* observer) override {
+  void SetObserver(std::shared_ptr<JournalObserver> observer) override {
     absl::MutexLock lock(&mu_);
-    observer_ = observer;
+    observer_ = std::move(observer);
   }
 
   JournalStats Stats() const override {
@@ -523,7 +523,7 @@ class EtcdJournal final : public Journal {
     for (;;) {
       std::vector<Entry> entries;
       Callbacks ready;
-      JournalObserver* observer = nullptr;
+      std::shared_ptr<JournalObserver> observer;
       {
         absl::MutexLock lock(&mu_);
         mu_.Await(absl::Condition(this, &EtcdJournal::HasWorkLocked));
@@ -539,7 +539,7 @@ class EtcdJournal final : public Journal {
         if (Large(entries[next])) {
           const size_t bytes = entries[next].bytes;
           WriteLarge(entries[next]);
-          Durable(entries[next].position, first, 1, bytes, observer);
+          Durable(entries[next].position, first, 1, bytes, observer.get());
           ++next;
           continue;
         }
@@ -557,7 +557,7 @@ class EtcdJournal final : public Journal {
           ++next;
         }
         WriteFenced(txn);
-        Durable(entries[next - 1].position, first, taken, bytes, observer);
+        Durable(entries[next - 1].position, first, taken, bytes, observer.get());
       }
     }
   }
@@ -763,7 +763,7 @@ class EtcdJournal final : public Journal {
   std::vector<Entry> pending_ ABSL_GUARDED_BY(mu_);
   Callbacks ready_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  JournalObserver* observer_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::shared_ptr<JournalObserver> observer_ ABSL_GUARDED_BY(mu_);
   DurableWaiters waiters_;
   std::atomic<uint64_t> appended_{0};
   std::atomic<uint64_t> batches_{0};

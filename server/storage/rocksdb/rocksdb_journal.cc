@@ -190,9 +190,9 @@ class RocksDbJournal final : public Journal {
     return absl::OkStatus();
   }
 
-  void SetObserver(JournalObserver* observer) override {
+  void SetObserver(std::shared_ptr<JournalObserver> observer) override {
     absl::MutexLock lock(&mu_);
-    observer_ = observer;
+    observer_ = std::move(observer);
   }
 
   JournalStats Stats() const override {
@@ -221,7 +221,7 @@ class RocksDbJournal final : public Journal {
     uint64_t last = 0;  // position of its last entry
     uint64_t entries = 0;
     absl::Time first;  // when its first entry was appended
-    JournalObserver* observer = nullptr;
+    std::shared_ptr<JournalObserver> observer;
   };
 
   // Takes the writer's turn and everything pending, leaving `empty` (a
@@ -334,7 +334,7 @@ class RocksDbJournal final : public Journal {
     for (;;) {
       Batch batch;
       std::optional<Unsynced> to_sync;
-      JournalObserver* observer = nullptr;
+      std::shared_ptr<JournalObserver> observer;
       Callbacks ready;
       {
         absl::MutexLock lock(&mu_);
@@ -359,7 +359,7 @@ class RocksDbJournal final : public Journal {
         due = *WriteBatch(batch, write_options_);
         empty = std::move(batch.records);
       } else if (to_sync.has_value()) {
-        due = SyncWritten(*to_sync, observer);
+        due = SyncWritten(*to_sync, observer.get());
       }
       for (auto& callback : due) std::move(callback)();
     }
@@ -395,7 +395,7 @@ class RocksDbJournal final : public Journal {
   // Callbacks of positions already durable when registered.
   Callbacks ready_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  JournalObserver* observer_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::shared_ptr<JournalObserver> observer_ ABSL_GUARDED_BY(mu_);
 
   DurableWaiters waiters_;
 
