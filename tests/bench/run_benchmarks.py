@@ -368,6 +368,32 @@ def cpu_jiffies():
     return jiffies
 
 
+def process_cpu_seconds(pid):
+    """User and system CPU time of the process, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_per_lifecycle(server, cpu_before):
+    """Microseconds of the server's CPU per call created (one per lifecycle,
+    warm-up included on both sides of the division)."""
+    calls = metric(server.metrics_port, "callsession_calls_created_total")
+    return (process_cpu_seconds(server.process.pid) - cpu_before) * 1e6 / max(calls, 1)
+
+
+def with_capacity(summary, reports, memory_reports):
+    """Adds the server's CPU per lifecycle and its capacity against memory:
+    memory's CPU per lifecycle over this store's (median of per-run ratios),
+    the throughput ratio a server bound by its own CPU would see."""
+    summary["server_cpu_us_per_lifecycle"] = statistics.median(
+        r["server_cpu_us_per_lifecycle"] for r in reports)
+    summary["capacity_ratio"] = statistics.median(
+        m["server_cpu_us_per_lifecycle"] / r["server_cpu_us_per_lifecycle"]
+        for r, m in zip(reports, memory_reports))
+    return summary
+
+
 def cpu_busy(before, after):
     """Per CPU: the fraction of the time between two cpu_jiffies() it was busy."""
     return [(b1 - b0) / max(t1 - t0, 1) for (b0, t0), (b1, t1) in zip(before, after)]
@@ -444,8 +470,11 @@ def durability():
             server = durable_server(data, name)
             try:
                 before = written_bytes(server.process.pid)
+                cpu_before = process_cpu_seconds(server.process.pid)
                 report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
                                  "--channels=4")
+                report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(server,
+                                                                                 cpu_before)
                 calls = metric(server.metrics_port, "callsession_calls_created_total")
                 report["journal_bytes_per_lifecycle"] = (
                     metric(server.metrics_port, "callsession_journal_bytes_total") / calls)
@@ -469,6 +498,7 @@ def durability():
                                middle["journal_batches_per_lifecycle"],
                            "journal_syncs_per_lifecycle": middle["journal_syncs_per_lifecycle"],
                            "disk_bytes_per_lifecycle": middle["disk_bytes_per_lifecycle"]}
+        with_capacity(lifecycle[name], reports, runs["memory"])
     for name in ("rocksdb-sync", "rocksdb-nosync"):
         lifecycle[name]["ratio"] = statistics.median(
             r["lifecycles_per_second"] / m["lifecycles_per_second"]
@@ -484,9 +514,12 @@ def durability():
                 server = durable_server(data, name, cpu=1)
                 try:
                     before = cpu_jiffies()
+                    cpu_before = process_cpu_seconds(server.process.pid)
                     report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
                                      "--channels=4", cpu=0)
                     report["busy"] = cpu_busy(before, cpu_jiffies())
+                    report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(server,
+                                                                                     cpu_before)
                     runs[name].append(report)
                 finally:
                     server.stop()
@@ -501,6 +534,7 @@ def durability():
                 "ratio": statistics.median(
                     r["lifecycles_per_second"] / m["lifecycles_per_second"]
                     for r, m in zip(reports, runs["memory"]))}
+            with_capacity(pinned_lifecycle[name], reports, runs["memory"])
         d["lifecycle_pinned"] = pinned_lifecycle
 
     log(f"recovery of {RECOVERY_CALLS} live calls")
@@ -808,6 +842,9 @@ def durability_targets(t):
                 p["rocksdb-sync"]["ratio"]
             t["lifecycle RocksDB --sync=false vs memory >= 0.85 (server and client 1 core each)"] = \
                 p["rocksdb-nosync"]["ratio"]
+            for name in ("rocksdb-sync", "rocksdb-nosync"):
+                t[f"server capacity, {name} vs memory: its CPU per lifecycle (reported)"] = \
+                    p[name]["capacity_ratio"]
         r = d["recovery"]
         t[f"recovery of {r['calls']} live calls, seconds <= 5"] = r["recovered"]["seconds"]
         t["RSS after recovery / before the kill <= 1.1"] = r["rss_ratio"]
@@ -882,11 +919,13 @@ def durability_and_targets(r, lines):
                   f"{d['get_call_info']['ratio']:.2f} (median of alternating pairs).", "",
                   f"Lifecycle (MakeCall, GetCallInfo, Drop, DeallocateCall), {CONCURRENCY} in "
                   "flight; the ratio is the median of per-run ratios to the memory store run "
-                  "beside it.", "",
-                  "| store | lifecycles/s | vs memory | RPC | p50 us | p99 us | journal bytes "
-                  "per lifecycle | disk bytes per lifecycle | lifecycles per write | "
-                  "lifecycles per sync |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "beside it. Server CPU: the server process's CPU time per lifecycle; "
+                  "capacity: memory's over this store's (median of per-run ratios), what a "
+                  "server bound by its own CPU would see.", "",
+                  "| store | lifecycles/s | vs memory | server CPU us per lifecycle | capacity "
+                  "vs memory | RPC | p50 us | p99 us | journal bytes per lifecycle | disk bytes "
+                  "per lifecycle | lifecycles per write | lifecycles per sync |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for name, l in d["lifecycle"].items():
             first = True
             for rpc, p in l["rpcs"].items():
@@ -896,21 +935,26 @@ def durability_and_targets(r, lines):
                     syncs = l.get("journal_syncs_per_lifecycle", 0)
                     per_write = f"{1 / batches:.1f}" if batches else ""
                     per_sync = f"{1 / syncs:.1f}" if syncs else ""
-                    lead = (f"| {name} | {l['lifecycles_per_second']:,.0f} | {ratio} ")
+                    lead = (f"| {name} | {l['lifecycles_per_second']:,.0f} | {ratio} "
+                            f"| {l['server_cpu_us_per_lifecycle']:.1f} "
+                            f"| {l['capacity_ratio']:.2f} ")
                     tail = (f"| {l['journal_bytes_per_lifecycle']:,.0f} | "
                             f"{l['disk_bytes_per_lifecycle']:,.0f} | {per_write} | {per_sync} |")
                 else:
-                    lead, tail = "| | | ", "| | | | |"
+                    lead, tail = "| | | | | ", "| | | | |"
                 lines.append(f"{lead}| {rpc} | {p['p50_us']:.0f} | {p['p99_us']:.0f} {tail}")
                 first = False
         if "lifecycle_pinned" in d:
             lines += ["", "The same, with callsessiond on CPU 1 and the load generator on CPU 0 "
                       "(`taskset`): the server's own cost, as with a client on another host. "
                       "CPU busy: the median share of the run each CPU was not idle.", "",
-                      "| store | lifecycles/s | vs memory | load generator's CPU busy | "
-                      "server's CPU busy |", "|---|---:|---:|---:|---:|"]
+                      "| store | lifecycles/s | vs memory | server CPU us per lifecycle | capacity "
+                      "vs memory | load generator's CPU busy | server's CPU busy |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
             for name, p in d["lifecycle_pinned"].items():
                 lines.append(f"| {name} | {p['lifecycles_per_second']:,.0f} | {p['ratio']:.2f} | "
+                             f"{p['server_cpu_us_per_lifecycle']:.1f} | "
+                             f"{p['capacity_ratio']:.2f} | "
                              f"{p['load_generator_cpu_busy']:.0%} | {p['server_cpu_busy']:.0%} |")
         rec = d["recovery"]
         mib = lambda pair: f"{pair[0] / 2**20:.1f} MiB ({pair[1] / 2**20:.0f} MiB allocated)"
