@@ -375,10 +375,9 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu_per_lifecycle(server, cpu_before):
+def server_cpu_per_lifecycle(server, cpu_before, calls):
     """Microseconds of the server's CPU per call created (one per lifecycle,
     warm-up included on both sides of the division)."""
-    calls = metric(server.metrics_port, "callsession_calls_created_total")
     return (process_cpu_seconds(server.process.pid) - cpu_before) * 1e6 / max(calls, 1)
 
 
@@ -473,9 +472,9 @@ def durability():
                 cpu_before = process_cpu_seconds(server.process.pid)
                 report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
                                  "--channels=4")
-                report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(server,
-                                                                                 cpu_before)
                 calls = metric(server.metrics_port, "callsession_calls_created_total")
+                report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(
+                    server, cpu_before, calls)
                 report["journal_bytes_per_lifecycle"] = (
                     metric(server.metrics_port, "callsession_journal_bytes_total") / calls)
                 report["journal_batches_per_lifecycle"] = (
@@ -518,8 +517,9 @@ def durability():
                     report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
                                      "--channels=4", cpu=0)
                     report["busy"] = cpu_busy(before, cpu_jiffies())
-                    report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(server,
-                                                                                     cpu_before)
+                    report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(
+                        server, cpu_before,
+                        metric(server.metrics_port, "callsession_calls_created_total"))
                     runs[name].append(report)
                 finally:
                     server.stop()
