@@ -50,7 +50,10 @@ void AsyncServing::Shutdown() {
 }
 
 void AsyncServing::Serve(grpc::ServerCompletionQueue* queue) {
-  CallerWritesScope caller_writes;
+  // Syncing here spares a wake-up of a journal thread (on another CPU, when
+  // the cores are shared: measured in BENCHMARKS.md), but blocks this queue
+  // for the sync: only worth it while other threads serve.
+  CallerWritesScope caller_writes(/*also_sync=*/thread_count_ > 1);
   Burst burst(serving_);
   void* tag = nullptr;
   bool ok = false;

@@ -9,11 +9,14 @@
 // journal (reads; the memory store; a change already durable). Before it
 // waits again it writes the burst's changes itself (CallerWritesScope,
 // CallSessionCore::WriteChangesNow) and sends the replies that made
-// durable (RocksDB without sync): one batch per burst, and no other thread
-// between a request and its reply. The replies still waiting for a sync
-// (RocksDB with sync, whose sync runs on the journal's thread; etcd, which
-// writes on its own) are sent from the journal's thread once durable.
-// Either way no reply leaves before its change is durable.
+// durable: one batch per burst, and no other thread between a request and
+// its reply. With RocksDB's sync, a thread that is not the only serving
+// thread syncs its burst too (while the others serve), and sends the
+// replies of every burst that sync covered; the only serving thread leaves
+// the sync to the journal's threads, which then send the replies, so that
+// a sync never stops all serving. Replies waiting for etcd, which writes
+// on its own, are sent from its threads. Either way no reply leaves before
+// its change is durable.
 //
 // No service of the server may use gRPC's callback API: its threads would
 // poll the connections too, and hand most requests over to these threads

@@ -2,12 +2,15 @@
 // only after their entry is durable and never inside WhenDurable; nothing
 // is durable before its sync and no caller waits for it; no caller blocks
 // on a write stall; a caller in a CallerWritesScope writes its own entries
-// (without sync) and no other thread does; entries nobody waits for are
+// (without sync) and no other thread does; one whose scope also syncs syncs
+// them too, never waits for another's sync, and leaves its syncs to the
+// writer threads after a slow one; entries nobody waits for are
 // written too; closing drains, reporting to an observer its owner let go;
 // everything durable is in the store when it is opened again.
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
 #include <atomic>
+#include <functional>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -103,9 +106,10 @@ TEST_P(RocksDbJournalTest, EveryCallbackRunsOnceAfterItsEntryIsDurable) {
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
-      // Half the threads write their own entries, as serving threads do.
+      // Half the threads write their own entries, as serving threads do;
+      // one of them syncs them too.
       std::optional<CallerWritesScope> caller_writes;
-      if (t % 2 == 1) caller_writes.emplace();
+      if (t % 2 == 1) caller_writes.emplace(/*also_sync=*/t % 4 == 3);
       for (int i = 0; i < kEntries; ++i) {
         if (caller_writes.has_value() && i % 5 == 4) journal.WriteNow();
         const uint64_t position = Put(journal, absl::StrCat("k/", t, "/", i));
@@ -292,6 +296,137 @@ TEST_P(RocksDbJournalTest, ACallerWritesWhatItAppendsInItsScope) {
   }
   EXPECT_TRUE(journal.WriteNow()) << "everything is durable now";
   EXPECT_EQ(Reopen().size(), 10u);
+}
+
+TEST_P(RocksDbJournalTest, ACallerThatAlsoSyncsMakesItsBurstDurableItself) {
+  Journal& journal = Open();
+  CallerWritesScope scope(/*also_sync=*/true);
+  uint64_t last = 0;
+  for (int i = 0; i < 10; ++i) last = Put(journal, absl::StrCat("burst/", i));
+  std::thread::id ran_on;
+  absl::Notification ran;
+  journal.WhenDurable(last, [&] {
+    ran_on = std::this_thread::get_id();
+    ran.Notify();
+  });
+  EXPECT_TRUE(journal.WriteNow()) << "the burst is not durable when WriteNow returns";
+  EXPECT_GE(journal.durable_position(), last);
+  EXPECT_TRUE(ran.HasBeenNotified()) << "WriteNow did not run the callback it made due";
+  // Before `ran` goes out of scope, whoever runs it.
+  ASSERT_TRUE(ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_EQ(ran_on, std::this_thread::get_id());
+  const JournalStats stats = journal.Stats();
+  EXPECT_EQ(stats.batches, 1u) << "the burst was not one batch";
+  // The caller's own sync, and no writer thread's.
+  EXPECT_EQ(stats.syncs, sync() ? 1u : 0u);
+  EXPECT_EQ(Reopen().size(), 10u);
+}
+
+// Runs `body` on a thread in a scope that also syncs; false if it has not
+// returned within `timeout` (the thread is then joined when it does).
+class SyncingCaller {
+ public:
+  explicit SyncingCaller(std::function<void()> body)
+      : thread_([this, body = std::move(body)] {
+          CallerWritesScope scope(/*also_sync=*/true);
+          body();
+          returned_.Notify();
+        }) {}
+  ~SyncingCaller() { thread_.join(); }
+  bool Returned(absl::Duration timeout) {
+    return returned_.WaitForNotificationWithTimeout(timeout);
+  }
+  std::thread::id id() const { return thread_.get_id(); }
+
+ private:
+  absl::Notification returned_;
+  std::thread thread_;
+};
+
+TEST_P(RocksDbJournalTest, ACallerThatAlsoSyncsNeverWaitsForAnotherThreadsSync) {
+  if (!sync()) GTEST_SKIP() << "without sync there is nothing to sync";
+  Journal& journal = Open();
+  fs_->Hold();
+  bool first_durable = false;
+  SyncingCaller first([&] {
+    Put(journal, "first");
+    first_durable = journal.WriteNow();
+  });
+  for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
+  ASSERT_GT(fs_->waiting(), 0) << "the first caller never reached its sync";
+  EXPECT_FALSE(first.Returned(absl::Milliseconds(100))) << "it returned before its sync";
+
+  // Written during that sync: the second caller neither waits nor syncs.
+  uint64_t second = 0;
+  absl::Notification second_durable;
+  bool second_durable_on_return = true;
+  SyncingCaller second_caller([&] {
+    second = Put(journal, "second");
+    journal.WhenDurable(second, [&] { second_durable.Notify(); });
+    second_durable_on_return = journal.WriteNow();
+  });
+  EXPECT_TRUE(second_caller.Returned(absl::Seconds(10))) << "a caller waited for another's sync";
+  EXPECT_FALSE(second_durable_on_return);
+  EXPECT_FALSE(second_durable.WaitForNotificationWithTimeout(absl::Milliseconds(200)));
+  EXPECT_LT(journal.durable_position(), second);
+
+  // Nothing is left behind: a later sync covers it.
+  fs_->Release();
+  EXPECT_TRUE(first.Returned(absl::Seconds(10)));
+  EXPECT_TRUE(second_durable.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(first_durable);
+  EXPECT_EQ(Reopen().size(), 2u);
+}
+
+TEST_P(RocksDbJournalTest, AfterASlowSyncCallersLeaveTheirSyncsToTheWriterThreads) {
+  if (!sync()) GTEST_SKIP() << "without sync there is nothing to sync";
+  Journal& journal = Open();
+  {
+    // A sync that takes 50 ms: a slow disk.
+    fs_->Hold();
+    SyncingCaller slow([&] {
+      Put(journal, "slow");
+      journal.WriteNow();
+    });
+    for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
+    ASSERT_GT(fs_->waiting(), 0) << "the caller never reached its sync";
+    absl::SleepFor(absl::Milliseconds(50));
+    fs_->Release();
+  }
+
+  // The next caller writes, but the sync is a writer thread's: held here,
+  // it holds neither the caller nor anything it wrote.
+  fs_->Hold();
+  uint64_t next = 0;
+  std::thread::id ran_on;
+  absl::Notification ran;
+  SyncingCaller caller([&] {
+    next = Put(journal, "next");
+    journal.WhenDurable(next, [&] {
+      ran_on = std::this_thread::get_id();
+      ran.Notify();
+    });
+    EXPECT_FALSE(journal.WriteNow());
+  });
+  EXPECT_TRUE(caller.Returned(absl::Seconds(10))) << "the caller synced after a slow sync";
+  for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
+  EXPECT_GT(fs_->waiting(), 0) << "no writer thread synced the caller's entry";
+  EXPECT_FALSE(ran.HasBeenNotified());
+  fs_->Release();
+  ASSERT_TRUE(ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_NE(ran_on, caller.id());
+
+  // Once syncs are fast again, callers sync their own writes again.
+  bool synced_itself = false;
+  for (int attempt = 0; attempt < 100 && !synced_itself; ++attempt) {
+    SyncingCaller again([&] {
+      Put(journal, absl::StrCat("again/", attempt));
+      synced_itself = journal.WriteNow();
+    });
+    ASSERT_TRUE(again.Returned(absl::Seconds(10)));
+    if (!synced_itself) absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(synced_itself) << "callers never synced again once syncs were fast";
 }
 
 TEST_P(RocksDbJournalTest, AnEntryNobodyWaitsForIsWrittenToo) {

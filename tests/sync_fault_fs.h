@@ -4,6 +4,8 @@
 #ifndef CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 #define CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 
+#include <pthread.h>
+
 #include <memory>
 #include <string>
 #include <utility>
@@ -61,6 +63,11 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
     absl::MutexLock lock(&mu_);
     return syncs_;
   }
+  // The name (pthread_setname_np) of the thread that last began a sync.
+  std::string last_syncing_thread() {
+    absl::MutexLock lock(&mu_);
+    return last_syncing_thread_;
+  }
 
   rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
                                     std::unique_ptr<rocksdb::FSWritableFile>* result,
@@ -100,7 +107,10 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
   };
 
   rocksdb::IOStatus BeforeSync() {
+    char name[16] = {};
+    pthread_getname_np(pthread_self(), name, sizeof(name));
     absl::MutexLock lock(&mu_);
+    last_syncing_thread_ = name;
     ++waiting_;
     mu_.Await(absl::Condition(
         +[](bool* held) { return !*held; }, &held_));
@@ -117,6 +127,7 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
   int tables_waiting_ ABSL_GUARDED_BY(mu_) = 0;
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   int syncs_ ABSL_GUARDED_BY(mu_) = 0;
+  std::string last_syncing_thread_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace callsession

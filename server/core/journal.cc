@@ -6,11 +6,19 @@
 namespace callsession {
 namespace {
 thread_local bool t_caller_writes = false;
+thread_local bool t_caller_syncs = false;
 }  // namespace
 
-CallerWritesScope::CallerWritesScope() { t_caller_writes = true; }
-CallerWritesScope::~CallerWritesScope() { t_caller_writes = false; }
+CallerWritesScope::CallerWritesScope(bool also_sync) {
+  t_caller_writes = true;
+  t_caller_syncs = also_sync;
+}
+CallerWritesScope::~CallerWritesScope() {
+  t_caller_writes = false;
+  t_caller_syncs = false;
+}
 bool CallerWritesScope::Active() { return t_caller_writes; }
+bool CallerWritesScope::AlsoSyncs() { return t_caller_syncs; }
 
 DurableWaiters::Callback DurableWaiters::WaitFor(uint64_t position, Callback done) {
   absl::MutexLock lock(&mu_);

@@ -97,7 +97,8 @@ class Journal {
   // Writes every entry appended so far on the calling thread, if the
   // engine can without waiting for a sync, a write stall or the network
   // (RocksDB: the write; its sync, with --sync=true, is left to the
-  // engine's threads), and runs the callbacks that become due here. Returns
+  // engine's threads unless the caller's CallerWritesScope also syncs), and
+  // runs the callbacks that become due here, other threads' among them. Returns
   // whether everything appended before the call is durable now. False at
   // once from engines that cannot write on the caller (etcd), or while
   // another thread is writing: then the engine's own threads write it, as
@@ -129,15 +130,22 @@ class Journal {
 // Journal::WriteNow (which it must call before it waits for anything, and
 // before the scope ends), instead of waking the engine's writer. Engines
 // that cannot write on the caller's thread ignore it. Not nestable.
+//
+// With `also_sync`, an engine that syncs (RocksDB with --sync=true) has the
+// caller's WriteNow sync too, unless a sync is under way (whoever runs it
+// then syncs what it missed), and run the callbacks that become due: the
+// caller's replies leave without waking another thread. The sync blocks the
+// caller, so a thread that is the only one serving should not ask for it.
 class CallerWritesScope {
  public:
-  CallerWritesScope();
+  explicit CallerWritesScope(bool also_sync = false);
   ~CallerWritesScope();
   CallerWritesScope(const CallerWritesScope&) = delete;
   CallerWritesScope& operator=(const CallerWritesScope&) = delete;
 
-  // Whether the calling thread is inside one.
+  // Whether the calling thread is inside one, and whether it also syncs.
   static bool Active();
+  static bool AlsoSyncs();
 };
 
 // For engines: the callbacks waiting for positions to become durable, and

@@ -1,8 +1,11 @@
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
+#include <pthread.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <system_error>
@@ -62,18 +65,26 @@ class BatchWriter final : public JournalWriter {
 // another, in append order.
 //
 // A caller's WriteNow takes the writer's turn the same way. Without sync
-// its batch is durable once written. With sync it writes without syncing
-// and leaves the sync to the writer threads: one SyncWAL covers every batch
-// written before it began, while callers go on writing the next ones.
+// its batch is durable once written. With sync it writes without syncing:
+// one SyncWAL covers every batch written before it began, while callers go
+// on writing the next ones. A caller whose scope also syncs then syncs
+// itself, unless a sync is under way; the syncing thread syncs again what
+// was written meanwhile (a few rounds at most, then the writer threads take
+// over), and only while syncs are fast. Otherwise the sync is the writer
+// threads'.
 class RocksDbJournal final : public Journal {
  public:
   RocksDbJournal(std::unique_ptr<rocksdb::DB> db, std::string dir, bool sync)
       : db_(std::move(db)), dir_(std::move(dir)) {
     write_options_.sync = sync;
-    // A caller writes; a sync is never its to wait for.
+    // A caller writes; it syncs separately, if at all (SyncOnCaller).
     caller_write_options_.sync = false;
     caller_write_options_.no_slowdown = true;
-    for (std::thread& thread : threads_) thread = std::thread([this] { Run(); });
+    for (size_t i = 0; i < std::size(threads_); ++i) {
+      threads_[i] = std::thread([this] { Run(); });
+      // For top -H, perf and /proc/PID/task/*/comm.
+      pthread_setname_np(threads_[i].native_handle(), absl::StrCat("journal-", i).c_str());
+    }
   }
 
   // Writes what is queued, runs every callback, then closes the store.
@@ -136,6 +147,11 @@ class RocksDbJournal final : public Journal {
   bool WriteNow() override {
     const uint64_t target = appended_.load(std::memory_order_acquire);
     if (waiters_.durable_position() >= target) return true;
+    // A slow disk's syncs would hold the caller's other requests (reads
+    // too): they stay the writer threads', whose syncs tell when it is fast
+    // again.
+    const bool syncs_here =
+        write_options_.sync && CallerWritesScope::AlsoSyncs() && SyncsAreFast();
     Batch batch;
     {
       absl::MutexLock lock(&mu_);
@@ -152,6 +168,8 @@ class RocksDbJournal final : public Journal {
       }
       batch = TakePendingLocked(std::move(spare_));
       caller_writing_ = true;
+      // Before the batch is written: the writer threads leave its sync to us.
+      if (syncs_here) ++callers_to_sync_;
     }
     // A caller never waits for a write stall (a flush or compaction
     // behind): the batch goes to the writer threads, which do wait.
@@ -160,6 +178,7 @@ class RocksDbJournal final : public Journal {
       absl::MutexLock lock(&mu_);
       stalled_ = std::move(batch);
       caller_writing_ = false;
+      if (syncs_here) --callers_to_sync_;
       return false;
     }
     {
@@ -167,7 +186,9 @@ class RocksDbJournal final : public Journal {
       spare_ = std::move(batch.records);
     }
     for (auto& done : *due) std::move(done)();
-    return !write_options_.sync;
+    if (!write_options_.sync) return true;
+    if (syncs_here) SyncOnCaller();
+    return waiters_.durable_position() >= target;
   }
 
   absl::Status Checkpoint(const std::string& dir) override {
@@ -206,6 +227,14 @@ class RocksDbJournal final : public Journal {
 
  private:
   using Callbacks = std::vector<absl::AnyInvocable<void() &&>>;
+
+  // Syncs one caller's SyncOnCaller runs at most: its own and two for
+  // others' writes, so its own queue never waits long.
+  static constexpr int kCallerSyncRounds = 3;
+  // Callers sync only while the last sync took no longer than this: a local
+  // SSD's fdatasync takes tens of microseconds, a network volume's
+  // milliseconds.
+  static constexpr absl::Duration kCallerSyncMaxDuration = absl::Microseconds(250);
 
   // Batches written by callers and not yet synced.
   struct Unsynced {
@@ -289,10 +318,45 @@ class RocksDbJournal final : public Journal {
     return due;
   }
 
+  bool SyncsAreFast() const {
+    return last_sync_nanos_.load(std::memory_order_relaxed) <=
+           absl::ToInt64Nanoseconds(kCallerSyncMaxDuration);
+  }
+
+  // After a caller's write in a scope that also syncs (its claim counted in
+  // callers_to_sync_): syncs what is written and unsynced, unless a sync is
+  // under way, then what was written during the sync, and runs the
+  // callbacks due. It stops after kCallerSyncRounds syncs, after a slow
+  // one, or when another caller is about to sync; what is left then is the
+  // writer threads'.
+  void SyncOnCaller() {
+    bool claimed = true;
+    for (int round = 0; round < kCallerSyncRounds; ++round) {
+      Unsynced to_sync;
+      std::shared_ptr<JournalObserver> observer;
+      {
+        absl::MutexLock lock(&mu_);
+        if (claimed) {
+          --callers_to_sync_;
+          claimed = false;
+        }
+        if (unsynced_.entries == 0 || syncing_) return;
+        if (round > 0 && (callers_to_sync_ > 0 || !SyncsAreFast())) return;
+        syncing_ = true;
+        to_sync = std::exchange(unsynced_, Unsynced());
+        observer = observer_;
+      }
+      for (auto& done : SyncWritten(to_sync, observer.get())) std::move(done)();
+    }
+  }
+
   // Syncs the WAL, making what callers wrote before (`written`) durable;
   // returns the callbacks now due. Exits the process if the sync fails.
   Callbacks SyncWritten(const Unsynced& written, JournalObserver* observer) {
+    const absl::Time start = absl::Now();
     const rocksdb::Status status = db_->SyncWAL();
+    last_sync_nanos_.store(absl::ToInt64Nanoseconds(absl::Now() - start),
+                           std::memory_order_relaxed);
     if (!status.ok()) {
       Log(LogLevel::kError, "journal_write_failed",
           {{"data_dir", dir_}, {"error", status.ToString()}});
@@ -326,7 +390,7 @@ class RocksDbJournal final : public Journal {
   }
 
   bool SyncDueLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return unsynced_.entries > 0 && !syncing_;
+    return unsynced_.entries > 0 && !syncing_ && callers_to_sync_ == 0;
   }
 
   void Run() {
@@ -389,6 +453,9 @@ class RocksDbJournal final : public Journal {
   // thread is syncing.
   Unsynced unsynced_ ABSL_GUARDED_BY(mu_);
   bool syncing_ ABSL_GUARDED_BY(mu_) = false;
+  // Callers that have taken or written a batch and will sync it themselves
+  // (SyncOnCaller): until they have tried, the writer threads do not sync.
+  int callers_to_sync_ ABSL_GUARDED_BY(mu_) = 0;
   // A batch a caller's WriteNow could not write without waiting for a
   // stall, with the writer's turn: for the writer threads.
   std::optional<Batch> stalled_ ABSL_GUARDED_BY(mu_);
@@ -404,6 +471,8 @@ class RocksDbJournal final : public Journal {
   std::atomic<uint64_t> batches_{0};
   std::atomic<uint64_t> bytes_{0};
   std::atomic<uint64_t> syncs_{0};
+  // How long the last SyncWAL took.
+  std::atomic<int64_t> last_sync_nanos_{0};
 
   std::thread threads_[2];
 };
