@@ -387,8 +387,8 @@ void DurabilityTest::ExpectNoReplyAndNoEventLeavesBeforeItsSyncCompletes(int ser
   // The change is made and its entry written; only the sync is pending.
   for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
   ASSERT_GT(fs_->waiting(), 0) << "the journal never reached its sync";
-  EXPECT_TRUE(absl::StartsWith(fs_->last_syncing_thread(),
-                               serving_threads > 1 ? "serving-" : "journal-"))
+  EXPECT_TRUE(
+      absl::StartsWith(fs_->last_syncing_thread(), serving_threads > 1 ? "serving-" : "journal-"))
       << "synced on thread \"" << fs_->last_syncing_thread() << "\"";
   EXPECT_FALSE(replied.WaitForNotificationWithTimeout(absl::Milliseconds(300)))
       << "a reply left before its journal entry was synced";

@@ -10,8 +10,8 @@
 #include "server/storage/rocksdb/rocksdb_journal.h"
 
 #include <atomic>
-#include <functional>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>

@@ -150,8 +150,7 @@ class RocksDbJournal final : public Journal {
     // A slow disk's syncs would hold the caller's other requests (reads
     // too): they stay the writer threads', whose syncs tell when it is fast
     // again.
-    const bool syncs_here =
-        write_options_.sync && CallerWritesScope::AlsoSyncs() && SyncsAreFast();
+    const bool syncs_here = write_options_.sync && CallerWritesScope::AlsoSyncs() && SyncsAreFast();
     Batch batch;
     {
       absl::MutexLock lock(&mu_);
