@@ -331,8 +331,7 @@ class RocksDbJournal final : public Journal {
   void SyncOnCaller() {
     bool claimed = true;
     for (int round = 0; round < kCallerSyncRounds; ++round) {
-      Unsynced to_sync;
-      std::shared_ptr<JournalObserver> observer;
+      SyncTurn turn;
       {
         absl::MutexLock lock(&mu_);
         if (claimed) {
@@ -341,17 +340,30 @@ class RocksDbJournal final : public Journal {
         }
         if (unsynced_.entries == 0 || syncing_) return;
         if (round > 0 && (callers_to_sync_ > 0 || !SyncsAreFast())) return;
-        syncing_ = true;
-        to_sync = std::exchange(unsynced_, Unsynced());
-        observer = observer_;
+        turn = TakeUnsyncedLocked();
       }
-      for (auto& done : SyncWritten(to_sync, observer.get())) std::move(done)();
+      for (auto& done : SyncWritten(turn)) std::move(done)();
     }
   }
 
-  // Syncs the WAL, making what callers wrote before (`written`) durable;
-  // returns the callbacks now due. Exits the process if the sync fails.
-  Callbacks SyncWritten(const Unsynced& written, JournalObserver* observer) {
+  // What one sync covers: the batches written and not yet synced.
+  struct SyncTurn {
+    Unsynced written;
+    std::shared_ptr<JournalObserver> observer;
+  };
+
+  // Takes the syncing turn and the batches it covers; the caller syncs
+  // them with SyncWritten, which hands the turn back.
+  SyncTurn TakeUnsyncedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    syncing_ = true;
+    return SyncTurn{std::exchange(unsynced_, Unsynced()), observer_};
+  }
+
+  // Syncs the WAL, making the turn's batches durable, and hands the syncing
+  // turn back; returns the callbacks now due. Exits the process if the sync
+  // fails.
+  Callbacks SyncWritten(const SyncTurn& turn) {
+    const Unsynced& written = turn.written;
     const absl::Time start = absl::Now();
     const rocksdb::Status status = db_->SyncWAL();
     last_sync_nanos_.store(absl::ToInt64Nanoseconds(absl::Now() - start),
@@ -367,8 +379,8 @@ class RocksDbJournal final : public Journal {
       absl::MutexLock lock(&mu_);
       syncing_ = false;
     }
-    if (observer != nullptr) {
-      observer->OnBatchDurable(absl::Now() - written.first, written.entries, written.bytes);
+    if (turn.observer != nullptr) {
+      turn.observer->OnBatchDurable(absl::Now() - written.first, written.entries, written.bytes);
     }
     return due;
   }
@@ -396,8 +408,7 @@ class RocksDbJournal final : public Journal {
     auto empty = std::make_unique<rocksdb::WriteBatch>();
     for (;;) {
       Batch batch;
-      std::optional<Unsynced> to_sync;
-      std::shared_ptr<JournalObserver> observer;
+      std::optional<SyncTurn> to_sync;
       Callbacks ready;
       {
         absl::MutexLock lock(&mu_);
@@ -409,9 +420,7 @@ class RocksDbJournal final : public Journal {
         } else if (!writing_ && pending_entries_ > 0 && (unclaimed_ || stopping_)) {
           batch = TakePendingLocked(std::move(empty));
         } else if (SyncDueLocked()) {
-          syncing_ = true;
-          to_sync = std::exchange(unsynced_, Unsynced());
-          observer = observer_;
+          to_sync = TakeUnsyncedLocked();
         } else if (ready.empty() && stopping_ && !writing_ && !syncing_) {
           return;  // everything appended is durable, every callback run
         }
@@ -422,7 +431,7 @@ class RocksDbJournal final : public Journal {
         due = *WriteBatch(batch, write_options_);
         empty = std::move(batch.records);
       } else if (to_sync.has_value()) {
-        due = SyncWritten(*to_sync, observer.get());
+        due = SyncWritten(*to_sync);
       }
       for (auto& callback : due) std::move(callback)();
     }
