@@ -24,6 +24,11 @@ absl::Status Authorize(absl::string_view token, const std::string& expected) {
 grpc::Status AdminGrpcService::CreateCheckpoint(grpc::ServerContext* context,
                                                 const admin::v1::CreateCheckpointRequest* request,
                                                 admin::v1::CreateCheckpointResponse* response) {
+  in_progress_.fetch_add(1, std::memory_order_relaxed);
+  struct Done {
+    std::atomic<int64_t>& in_progress;
+    ~Done() { in_progress.fetch_sub(1, std::memory_order_relaxed); }
+  } done{in_progress_};
   if (absl::Status status = Authorize(BearerToken(*context), admin_token_); !status.ok()) {
     return ToGrpcStatus(status);
   }

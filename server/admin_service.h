@@ -3,6 +3,8 @@
 #ifndef CALLSESSION_SERVER_ADMIN_SERVICE_H_
 #define CALLSESSION_SERVER_ADMIN_SERVICE_H_
 
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "callsession/admin/v1/admin_service.grpc.pb.h"
@@ -24,9 +26,13 @@ class AdminGrpcService final : public admin::v1::AdminService::Service {
                                 const admin::v1::CreateCheckpointRequest* request,
                                 admin::v1::CreateCheckpointResponse* response) override;
 
+  // Calls whose handler is running. Any thread.
+  int64_t CallsInProgress() const { return in_progress_.load(std::memory_order_relaxed); }
+
  private:
   const ServingCore& serving_;
   const std::string admin_token_;
+  std::atomic<int64_t> in_progress_{0};
 };
 
 }  // namespace callsession

@@ -16,6 +16,16 @@ namespace {
 // arrives when none is waiting is held by gRPC until one is.
 constexpr int kAwaitedPerMethod = 16;
 
+// The calls-in-progress count of the queue this serving thread serves.
+thread_local std::atomic<int64_t>* this_thread_calls = nullptr;
+
+// Only this thread writes the count: a plain load and store, no locked
+// instruction.
+void AddToThisThreadsCalls(int64_t delta) {
+  this_thread_calls->store(this_thread_calls->load(std::memory_order_relaxed) + delta,
+                           std::memory_order_relaxed);
+}
+
 }  // namespace
 
 AsyncServing::AsyncServing(const ServingCore* serving, int threads)
@@ -26,7 +36,10 @@ AsyncServing::~AsyncServing() {
 }
 
 void AsyncServing::AddCompletionQueues(grpc::ServerBuilder& builder) {
-  for (int i = 0; i < thread_count_; ++i) queues_.push_back(builder.AddCompletionQueue());
+  for (int i = 0; i < thread_count_; ++i) {
+    queues_.push_back(builder.AddCompletionQueue());
+    queue_calls_.push_back(std::make_unique<QueueCalls>());
+  }
 }
 
 void AsyncServing::Start() {
@@ -35,8 +48,9 @@ void AsyncServing::Start() {
       for (int i = 0; i < kAwaitedPerMethod; ++i) await(queue.get());
     }
   }
-  for (auto& queue : queues_) {
-    threads_.emplace_back([this, queue = queue.get()] { Serve(queue); });
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    threads_.emplace_back(
+        [this, queue = queues_[i].get(), calls = queue_calls_[i].get()] { Serve(queue, calls); });
     // Named for top -H, perf and /proc/PID/task/*/comm (15 characters).
     const std::string name = absl::StrCat("serving-", threads_.size() - 1);
     pthread_setname_np(threads_.back().native_handle(), name.substr(0, 15).c_str());
@@ -49,7 +63,19 @@ void AsyncServing::Shutdown() {
   threads_.clear();
 }
 
-void AsyncServing::Serve(grpc::ServerCompletionQueue* queue) {
+int64_t AsyncServing::CallsInProgress() const {
+  int64_t calls = 0;
+  for (const auto& queue : queue_calls_)
+    calls += queue->in_progress.load(std::memory_order_relaxed);
+  return calls;
+}
+
+void AsyncServing::NoteCallArrived() { AddToThisThreadsCalls(1); }
+
+void AsyncServing::NoteCallEnded() { AddToThisThreadsCalls(-1); }
+
+void AsyncServing::Serve(grpc::ServerCompletionQueue* queue, QueueCalls* calls) {
+  this_thread_calls = &calls->in_progress;
   // Syncing here spares a wake-up of a journal thread (on another CPU, when
   // the cores are shared: measured in BENCHMARKS.md), but blocks this queue
   // for the sync: only worth it while other threads serve.

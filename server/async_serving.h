@@ -30,6 +30,7 @@
 #ifndef CALLSESSION_SERVER_ASYNC_SERVING_H_
 #define CALLSESSION_SERVER_ASYNC_SERVING_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -146,6 +147,17 @@ class AsyncServing {
   // server's Shutdown has returned.
   void Shutdown();
 
+  // Calls of these methods that have arrived (their tag was taken) and not
+  // yet ended (their reply or status sent, or the call cancelled). Any
+  // thread.
+  int64_t CallsInProgress() const;
+
+  // For the calls of an AddAwaiter method: notes a call's arrival, and its
+  // end. Each on the serving thread that took the call's tag (a call's tags
+  // all come back to its own queue).
+  static void NoteCallArrived();
+  static void NoteCallEnded();
+
  private:
   template <typename Request, typename Response>
   struct UnaryMethod {
@@ -168,9 +180,12 @@ class AsyncServing {
 
     void Proceed(bool ok, Burst& burst) override {
       if (finishing_ || !ok) {  // replied, or the queue is shutting down
+        if (arrived_) NoteCallEnded();
         delete this;
         return;
       }
+      arrived_ = true;
+      NoteCallArrived();
       new UnaryCall(method_, queue_);  // the next call of this method
       absl::StatusOr<CallSessionCore*> core = burst.serving().Get();
       if (!core.ok()) return Finish(ToGrpcStatus(core.status()));
@@ -198,15 +213,24 @@ class AsyncServing {
     Request request_;
     Response response_;
     grpc::ServerAsyncResponseWriter<Response> writer_;
+    bool arrived_ = false;
     bool finishing_ = false;
   };
 
-  void Serve(grpc::ServerCompletionQueue* queue);
+  // The calls in progress on one queue; written only by its serving
+  // thread, so that counting them costs no shared cache line.
+  struct alignas(64) QueueCalls {
+    std::atomic<int64_t> in_progress{0};
+  };
+
+  void Serve(grpc::ServerCompletionQueue* queue, QueueCalls* calls);
 
   const ServingCore& serving_;
   const int thread_count_;
   std::vector<std::function<void(grpc::ServerCompletionQueue*)>> awaiters_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
+  // One per queue, in the same order.
+  std::vector<std::unique_ptr<QueueCalls>> queue_calls_;
   std::vector<std::thread> threads_;
 };
 

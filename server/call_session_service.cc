@@ -62,6 +62,8 @@ class WatchEventsCall final : public EventSink,
       Release();
       return;
     }
+    arrived_ = true;
+    AsyncServing::NoteCallArrived();
     Await(service_, &serving_, queue_);
     const std::string token(BearerToken(context_));
     absl::StatusOr<CallSessionCore*> core = serving_.Get();
@@ -151,8 +153,10 @@ class WatchEventsCall final : public EventSink,
     return std::exchange(pending_finish_, std::nullopt);
   }
 
-  // Ends the subscription and drops the call's own reference.
+  // Ends the subscription and drops the call's own reference. On the
+  // serving thread (from a tag).
   void Release() {
+    if (arrived_) AsyncServing::NoteCallEnded();
     std::unique_ptr<EventSubscription> subscription;
     std::shared_ptr<WatchEventsCall> self;
     {
@@ -182,6 +186,8 @@ class WatchEventsCall final : public EventSink,
   std::optional<grpc::Status> pending_finish_ ABSL_GUARDED_BY(mu_);
   bool finish_done_ ABSL_GUARDED_BY(mu_) = false;
   bool done_notified_ ABSL_GUARDED_BY(mu_) = false;
+  // Read and written only on the serving thread.
+  bool arrived_ = false;
   // Written only while no write is in flight (writing_ false, under mu_).
   v1::WatchEventsResponse response_;
 };

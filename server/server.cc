@@ -315,9 +315,38 @@ void CallSessionServer::Shutdown(absl::Duration grace) {
   }
   // Health watches end (their streams would hold the drain to its end).
   health_service_->Shutdown();
+  // grpc::Server::Shutdown also waits for every connection to close, and a
+  // connection with no call on it closes only once its client answers the
+  // GOAWAY's ping: a C++ client reads an idle connection every 5 s (gRPC's
+  // backup poller); one that does not read holds it for gRPC's 20 s ping
+  // timeout. Once no call is left, close them.
+  absl::Notification drained;
+  std::thread closer([this, &drained] { CloseConnectionsOnceQuiet(drained); });
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  drained.Notify();
+  closer.join();
   server_->Wait();
   async_serving_->Shutdown();
+}
+
+int64_t CallSessionServer::CallsInProgress() const {
+  return async_serving_->CallsInProgress() + admin_service_->CallsInProgress();
+}
+
+void CallSessionServer::CloseConnectionsOnceQuiet(absl::Notification& drained) {
+  // A call gRPC has matched but no serving thread has taken yet is not
+  // counted: a few quiet checks in a row give it time to be. They also put
+  // the first cancel well after Shutdown has begun, as gRPC requires.
+  constexpr absl::Duration kCheckEvery = absl::Milliseconds(10);
+  constexpr int kQuietChecks = 3;
+  int quiet = 0;
+  while (!drained.WaitForNotificationWithTimeout(kCheckEvery)) {
+    quiet = CallsInProgress() == 0 ? quiet + 1 : 0;
+    if (quiet == kQuietChecks) {
+      grpc_server_cancel_all_calls(server_->c_server());
+      return;
+    }
+  }
 }
 
 }  // namespace callsession

@@ -118,7 +118,9 @@ class CallSessionServer {
   // Leases stop being enforced; health goes NOT_SERVING; every WatchEvents
   // stream ends with UNAVAILABLE;
   // new RPCs are refused; in-flight ones may finish for up to `grace`, then
-  // the rest are cancelled. Returns when all are done.
+  // the rest are cancelled; once none is left, the connections still open
+  // are closed (idle clients that have not read the GOAWAY do not hold the
+  // shutdown). Returns when all are done.
   void Shutdown(absl::Duration grace);
 
   CallSessionCore& core() { return *core_; }
@@ -133,6 +135,15 @@ class CallSessionServer {
 
  private:
   CallSessionServer() = default;
+
+  // Calls of the services that have arrived and not yet ended (reflection
+  // and health aside).
+  int64_t CallsInProgress() const;
+
+  // From the start of grpc::Server::Shutdown until `drained`: once no call
+  // has been in progress for a few checks in a row, closes every connection
+  // left, so that idle clients do not hold the shutdown.
+  void CloseConnectionsOnceQuiet(absl::Notification& drained);
 
   // Runs CallSessionCore::ExpireIdleApps every `period` until stop_leases_.
   void EnforceLeases(absl::Duration period);

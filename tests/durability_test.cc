@@ -427,6 +427,35 @@ TEST_F(DurabilityTest, NoReplyAndNoEventLeavesBeforeAServingThreadSyncs) {
   ExpectNoReplyAndNoEventLeavesBeforeItsSyncCompletes(3);
 }
 
+// The shutdown closes the connections left once no call is in progress; a
+// call waiting for its sync is in progress, and is answered first.
+TEST_F(DurabilityTest, AShutdownLetsACallWaitingForItsSyncFinish) {
+  ServerOptions options = Options(data_dir_);
+  options.serving_threads = 1;
+  StartServer(std::move(options));
+  CallSessionClient& caller = NewApp("caller");
+  const uint64_t line = *caller.LineOpen(0, {kOwner});
+  fs_->Hold();
+  absl::StatusOr<v1::MakeCallResponse> call;
+  std::thread making([&] { call = caller.MakeCall(line, "+15550100", "held"); });
+  for (int i = 0; i < 500 && fs_->waiting() == 0; ++i) absl::SleepFor(absl::Milliseconds(2));
+  ASSERT_GT(fs_->waiting(), 0) << "the journal never reached its sync";
+
+  absl::Notification stopped;
+  std::thread stopping([&] {
+    server_->Shutdown(absl::Seconds(60));
+    stopped.Notify();
+  });
+  EXPECT_FALSE(stopped.WaitForNotificationWithTimeout(absl::Milliseconds(300)))
+      << "the shutdown ended with a call in progress";
+  fs_->Release();
+  making.join();
+  EXPECT_THAT(call, IsOk()) << "the call in progress was cut";
+  EXPECT_TRUE(stopped.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  stopping.join();
+  server_.reset();
+}
+
 TEST_F(DurabilityTest, WithoutSyncRepliesDoNotWaitForTheDisk) {
   StartServer(Options(data_dir_, /*sync=*/false));
   CallSessionClient& caller = NewApp("caller");

@@ -570,6 +570,38 @@ TEST(OpsTest, MessageSizeLimitIsAFlag) {
 
 // --- Graceful shutdown -----------------------------------------------------------------
 
+// A client that opened an HTTP/2 connection and then stopped reading (a C++
+// client with no call in flight reads only every 5 s; a stuck one never):
+// it never answers the GOAWAY's ping, which held the shutdown for gRPC's
+// 20 s ping timeout.
+TEST(OpsTest, AConnectionWhoseClientStoppedReadingDoesNotHoldTheShutdown) {
+  Daemon daemon({"--listen=127.0.0.1:0", "--shutdown_grace=60s"}, Environment());
+  const std::string address = daemon.WaitUntilListening();
+  ASSERT_FALSE(address.empty()) << daemon.log();
+  int port = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(address.substr(address.rfind(':') + 1), &port)) << address;
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in server{};
+  server.sin_family = AF_INET;
+  server.sin_port = htons(port);
+  server.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&server), sizeof(server)), 0);
+  // The client preface and an empty SETTINGS frame.
+  const std::string preface =
+      std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") + std::string("\0\0\0\x04\0\0\0\0\0", 9);
+  ASSERT_EQ(write(fd, preface.data(), preface.size()), static_cast<ssize_t>(preface.size()));
+  char frame_header[9];
+  ASSERT_EQ(read(fd, frame_header, sizeof(frame_header)), 9) << "no SETTINGS from the server";
+  EXPECT_EQ(frame_header[3], 0x04) << "the server's first frame is its SETTINGS";
+
+  const absl::Time signalled = absl::Now();
+  EXPECT_EQ(daemon.StopWith(SIGTERM), 0);
+  EXPECT_LT(absl::Now() - signalled, absl::Seconds(10))
+      << "the shutdown waited for a client that does not read";
+  close(fd);
+}
+
 // An RPC the server has accepted (its handler ran) must finish. The client
 // alone cannot tell those from RPCs refused because shutdown had begun (they
 // come back UNAVAILABLE, or CANCELLED when gRPC drops a call it had read but
