@@ -436,6 +436,57 @@ def durable_server(data, name, extra=(), **kwargs):
     raise RuntimeError(f"callsessiond --store={name} did not start serving")
 
 
+# Per-lifecycle figures of a lifecycle run: each from a counter of the
+# server's (None: the bytes the process wrote, from /proc/PID/io).
+PER_LIFECYCLE_FIELDS = {
+    "journal_bytes_per_lifecycle": "callsession_journal_bytes_total",
+    "journal_batches_per_lifecycle": "callsession_journal_batches_total",
+    "journal_syncs_per_lifecycle": "callsession_journal_syncs_total",
+    "disk_bytes_per_lifecycle": None,
+}
+
+
+def lifecycle_rounds(data, rounds, pinned=False):
+    """Alternating rounds of the lifecycle scenario on each of STORES; returns each
+    store's loadgen reports, with the server's CPU per lifecycle, PER_LIFECYCLE_FIELDS
+    and, pinned (callsessiond on CPU 1, the load generator on CPU 0), each CPU's busy
+    share."""
+    runs = {name: [] for name in STORES}
+    for _ in range(rounds):
+        for name in STORES:
+            server = durable_server(data, name, cpu=1 if pinned else None)
+            try:
+                pid = server.process.pid
+                bytes_before = written_bytes(pid)
+                jiffies_before = cpu_jiffies()
+                cpu_before = process_cpu_seconds(pid)
+                report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
+                                 "--channels=4", cpu=0 if pinned else None)
+                if pinned:
+                    report["busy"] = cpu_busy(jiffies_before, cpu_jiffies())
+                calls = metric(server.metrics_port, "callsession_calls_created_total")
+                report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(
+                    server, cpu_before, calls)
+                for field, counter in PER_LIFECYCLE_FIELDS.items():
+                    total = (metric(server.metrics_port, counter) if counter
+                             else written_bytes(pid) - bytes_before)
+                    report[field] = total / calls
+                runs[name].append(report)
+            finally:
+                server.stop()
+    return runs
+
+
+def median_rate(reports):
+    return statistics.median(r["lifecycles_per_second"] for r in reports)
+
+
+def ratio_to_memory(reports, memory_reports):
+    """The median of the per-round ratios to the memory run of the same round."""
+    return statistics.median(r["lifecycles_per_second"] / m["lifecycles_per_second"]
+                             for r, m in zip(reports, memory_reports))
+
+
 def durability():
     d = results["durability"]
     data = tempfile.mkdtemp(prefix="durability-", dir=OUT)
@@ -463,77 +514,31 @@ def durability():
 
     log(f"loadgen lifecycle, {CONCURRENCY} in flight: memory, RocksDB sync, RocksDB no sync, "
         "alternating")
-    runs = {name: [] for name in STORES}
-    for _ in range(max(REPEATS, 3) if not QUICK else 1):
-        for name in STORES:
-            server = durable_server(data, name)
-            try:
-                before = written_bytes(server.process.pid)
-                cpu_before = process_cpu_seconds(server.process.pid)
-                report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
-                                 "--channels=4")
-                calls = metric(server.metrics_port, "callsession_calls_created_total")
-                report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(
-                    server, cpu_before, calls)
-                report["journal_bytes_per_lifecycle"] = (
-                    metric(server.metrics_port, "callsession_journal_bytes_total") / calls)
-                report["journal_batches_per_lifecycle"] = (
-                    metric(server.metrics_port, "callsession_journal_batches_total") / calls)
-                report["journal_syncs_per_lifecycle"] = (
-                    metric(server.metrics_port, "callsession_journal_syncs_total") / calls)
-                report["disk_bytes_per_lifecycle"] = (
-                    (written_bytes(server.process.pid) - before) / calls)
-                runs[name].append(report)
-            finally:
-                server.stop()
+    runs = lifecycle_rounds(data, max(REPEATS, 3) if not QUICK else 1)
     lifecycle = {}
     for name, reports in runs.items():
-        rates = [r["lifecycles_per_second"] for r in reports]
         middle = sorted(reports, key=lambda r: r["lifecycles_per_second"])[len(reports) // 2]
-        lifecycle[name] = {"lifecycles_per_second": statistics.median(rates),
-                           "runs": rates, "rpcs": middle["rpcs"],
-                           "journal_bytes_per_lifecycle": middle["journal_bytes_per_lifecycle"],
-                           "journal_batches_per_lifecycle":
-                               middle["journal_batches_per_lifecycle"],
-                           "journal_syncs_per_lifecycle": middle["journal_syncs_per_lifecycle"],
-                           "disk_bytes_per_lifecycle": middle["disk_bytes_per_lifecycle"]}
+        lifecycle[name] = {"lifecycles_per_second": median_rate(reports),
+                           "runs": [r["lifecycles_per_second"] for r in reports],
+                           "rpcs": middle["rpcs"],
+                           **{field: middle[field] for field in PER_LIFECYCLE_FIELDS}}
         with_capacity(lifecycle[name], reports, runs["memory"])
-    for name in ("rocksdb-sync", "rocksdb-nosync"):
-        lifecycle[name]["ratio"] = statistics.median(
-            r["lifecycles_per_second"] / m["lifecycles_per_second"]
-            for r, m in zip(runs[name], runs["memory"]))
+        if name != "memory":
+            lifecycle[name]["ratio"] = ratio_to_memory(reports, runs["memory"])
     d["lifecycle"] = lifecycle
 
     if (os.cpu_count() or 1) >= 2:
         log(f"loadgen lifecycle, {CONCURRENCY} in flight, callsessiond on CPU 1 and the load "
             "generator on CPU 0: memory, RocksDB sync, RocksDB no sync, alternating")
-        runs = {name: [] for name in STORES}
-        for _ in range(max(REPEATS, 5) if not QUICK else 1):
-            for name in STORES:
-                server = durable_server(data, name, cpu=1)
-                try:
-                    before = cpu_jiffies()
-                    cpu_before = process_cpu_seconds(server.process.pid)
-                    report = loadgen(server.port, "lifecycle", f"--concurrency={CONCURRENCY}",
-                                     "--channels=4", cpu=0)
-                    report["busy"] = cpu_busy(before, cpu_jiffies())
-                    report["server_cpu_us_per_lifecycle"] = server_cpu_per_lifecycle(
-                        server, cpu_before,
-                        metric(server.metrics_port, "callsession_calls_created_total"))
-                    runs[name].append(report)
-                finally:
-                    server.stop()
+        runs = lifecycle_rounds(data, max(REPEATS, 5) if not QUICK else 1, pinned=True)
         pinned_lifecycle = {}
         for name, reports in runs.items():
             pinned_lifecycle[name] = {
-                "lifecycles_per_second": statistics.median(
-                    r["lifecycles_per_second"] for r in reports),
+                "lifecycles_per_second": median_rate(reports),
                 "runs": [r["lifecycles_per_second"] for r in reports],
                 "load_generator_cpu_busy": statistics.median(r["busy"][0] for r in reports),
                 "server_cpu_busy": statistics.median(r["busy"][1] for r in reports),
-                "ratio": statistics.median(
-                    r["lifecycles_per_second"] / m["lifecycles_per_second"]
-                    for r, m in zip(reports, runs["memory"]))}
+                "ratio": ratio_to_memory(reports, runs["memory"])}
             with_capacity(pinned_lifecycle[name], reports, runs["memory"])
         d["lifecycle_pinned"] = pinned_lifecycle
 
