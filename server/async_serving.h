@@ -180,11 +180,11 @@ class AsyncServing {
 
     void Proceed(bool ok, Burst& burst) override {
       if (finishing_ || !ok) {  // replied, or the queue is shutting down
-        if (arrived_) NoteCallEnded();
+        // Once arrived, the tag comes back only from Finish.
+        if (finishing_) NoteCallEnded();
         delete this;
         return;
       }
-      arrived_ = true;
       NoteCallArrived();
       new UnaryCall(method_, queue_);  // the next call of this method
       absl::StatusOr<CallSessionCore*> core = burst.serving().Get();
@@ -213,7 +213,6 @@ class AsyncServing {
     Request request_;
     Response response_;
     grpc::ServerAsyncResponseWriter<Response> writer_;
-    bool arrived_ = false;
     bool finishing_ = false;
   };
 
