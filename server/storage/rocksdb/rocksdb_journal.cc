@@ -74,8 +74,11 @@ class BatchWriter final : public JournalWriter {
 // threads'.
 class RocksDbJournal final : public Journal {
  public:
-  RocksDbJournal(std::unique_ptr<rocksdb::DB> db, std::string dir, bool sync)
-      : db_(std::move(db)), dir_(std::move(dir)) {
+  RocksDbJournal(std::unique_ptr<rocksdb::DB> db, std::string dir, bool sync,
+                 absl::Duration caller_sync_max_duration)
+      : db_(std::move(db)),
+        dir_(std::move(dir)),
+        caller_sync_max_nanos_(absl::ToInt64Nanoseconds(caller_sync_max_duration)) {
     write_options_.sync = sync;
     // A caller writes; it syncs separately, if at all (SyncOnCaller).
     caller_write_options_.sync = false;
@@ -230,10 +233,6 @@ class RocksDbJournal final : public Journal {
   // Syncs one caller's SyncOnCaller runs at most: its own and two for
   // others' writes, so its own queue never waits long.
   static constexpr int kCallerSyncRounds = 3;
-  // Callers sync only while the last sync took no longer than this: a local
-  // SSD's fdatasync takes tens of microseconds, a network volume's
-  // milliseconds.
-  static constexpr absl::Duration kCallerSyncMaxDuration = absl::Microseconds(250);
 
   // Batches written by callers and not yet synced.
   struct Unsynced {
@@ -318,8 +317,7 @@ class RocksDbJournal final : public Journal {
   }
 
   bool SyncsAreFast() const {
-    return last_sync_nanos_.load(std::memory_order_relaxed) <=
-           absl::ToInt64Nanoseconds(kCallerSyncMaxDuration);
+    return last_sync_nanos_.load(std::memory_order_relaxed) <= caller_sync_max_nanos_;
   }
 
   // After a caller's write in a scope that also syncs (its claim counted in
@@ -439,6 +437,8 @@ class RocksDbJournal final : public Journal {
 
   const std::unique_ptr<rocksdb::DB> db_;
   const std::string dir_;
+  // RocksDbJournalOptions::caller_sync_max_duration.
+  const int64_t caller_sync_max_nanos_;
   rocksdb::WriteOptions write_options_;
   rocksdb::WriteOptions caller_write_options_;
 
@@ -569,7 +569,8 @@ absl::StatusOr<std::unique_ptr<Journal>> OpenRocksDbJournal(const RocksDbJournal
     }
     return absl::InternalError(absl::StrCat("cannot open the data directory ", dir, ": ", text));
   }
-  return std::make_unique<RocksDbJournal>(std::unique_ptr<rocksdb::DB>(raw), dir, options.sync);
+  return std::make_unique<RocksDbJournal>(std::unique_ptr<rocksdb::DB>(raw), dir, options.sync,
+                                          options.caller_sync_max_duration);
 }
 
 }  // namespace callsession

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/core/journal.h"
 
 namespace rocksdb {
@@ -47,6 +48,12 @@ struct RocksDbJournalOptions {
   rocksdb::Env* env = nullptr;
   // Size of one memtable; tests make it small to reach a write stall.
   size_t memtable_bytes = kRocksDbMemtableBytes;
+  // Callers (serving threads) sync their own writes only while the last
+  // sync took no longer than this: a local SSD's fdatasync takes tens of
+  // microseconds, a network volume's milliseconds, and a slow disk's syncs
+  // must not hold a serving thread's reads. Tests that check where a sync
+  // runs raise it, so that a loaded machine's slow sync does not move it.
+  absl::Duration caller_sync_max_duration = absl::Microseconds(250);
 };
 
 // Opens the store in options.data_dir, replaying RocksDB's log. Errors, each
