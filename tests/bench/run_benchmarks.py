@@ -3,8 +3,8 @@
 
     run_benchmarks.py BUILD_DIR OUT_DIR [--quick] [--only=SECTION,...] [--repeats=N]
 
-SECTION: micro, transport, loadgen, memory, durability, tenants, ha (default:
-all).
+SECTION: micro, transport, loadgen, memory, durability, sync-cost, tenants, ha
+(default: all).
 
 Starts what it needs on loopback (callsessiond, the empty-handler baseline
 server, redis-server) and runs, in order:
@@ -23,6 +23,11 @@ server, redis-server) and runs, in order:
      pinned to one CPU each; bytes written per lifecycle; recovery of 1e6 live calls
      (time, RSS before the kill and after), the data directory's size, and
      the space given back once every call is deallocated.
+  5b. sync-cost: the lifecycle on memory, RocksDB --sync=true and
+     --sync=false, and --sync=true with fdatasync() replaced by a shim that
+     does no I/O (tests/bench/fdatasync_shim.cc): returning at once, or
+     blocking the thread for 40 or 100 us. It splits the cost of --sync=true
+     into the wait for the sync and the CPU the kernel spends doing it.
   6. tenants: GetCallInfo with a 1,000-tenant file vs open mode.
   7. ha: a 3-member etcd cluster on loopback and callsessiond --store=etcd
      (a leader and two standbys): GetCallInfo on the leader vs the memory
@@ -51,7 +56,8 @@ import time
 BUILD, OUT = sys.argv[1], sys.argv[2]
 QUICK = "--quick" in sys.argv
 ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
-            ["micro", "transport", "loadgen", "memory", "durability", "tenants", "ha"])
+            ["micro", "transport", "loadgen", "memory", "durability", "sync-cost", "tenants",
+             "ha"])
 REPEATS = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--repeats=")),
                1 if QUICK else 3)
 TOKEN = "bench-provider-token"
@@ -64,7 +70,8 @@ RECOVERY_CALLS = 100_000 if QUICK else 1_000_000
 
 os.makedirs(OUT, exist_ok=True)
 results = {"machine": {}, "microbenchmarks": {}, "h2load": {}, "redis": {}, "loadgen": {},
-           "memory": {}, "durability": {}, "tenants": {}, "ha": {}, "targets": {}}
+           "memory": {}, "durability": {}, "sync_cost": {}, "tenants": {}, "ha": {},
+           "targets": {}}
 
 
 def log(message):
@@ -116,8 +123,9 @@ def pinned(cpu):
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
 
 
-def callsessiond(extra=(), store=("--store=memory",), log_level="warning", stderr=None, cpu=None):
-    env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": log_level}
+def callsessiond(extra=(), store=("--store=memory",), log_level="warning", stderr=None, cpu=None,
+                 env=None):
+    env = {"CALLSESSION_PROVIDER_TOKEN": TOKEN, "CALLSESSION_LOG_LEVEL": log_level, **(env or {})}
     return Server([*pinned(cpu), f"{BUILD}/server/callsessiond", "--listen=127.0.0.1:PORT",
                    "--shutdown_grace=1s",
                    # Leases stay on (their per-RPC cost is measured), long
@@ -415,9 +423,9 @@ STORES = {"memory": ["--store=memory"], "rocksdb-sync": ["--sync=true"],
           "rocksdb-nosync": ["--sync=false"]}
 
 
-def durable_server(data, name, extra=(), **kwargs):
-    store = STORES[name]
-    if name != "memory":
+def durable_server(data, name, extra=(), stores=STORES, **kwargs):
+    store = stores[name]
+    if "--store=memory" not in store:
         store = [*store, f"--data_dir={data}/{name}-{time.monotonic_ns()}"]
     metrics_port = free_port()
     server = callsessiond([f"--metrics_listen=127.0.0.1:{metrics_port}", *extra], store=store,
@@ -446,15 +454,18 @@ PER_LIFECYCLE_FIELDS = {
 }
 
 
-def lifecycle_rounds(data, rounds, pinned=False):
-    """Alternating rounds of the lifecycle scenario on each of STORES; returns each
-    store's loadgen reports, with the server's CPU per lifecycle, PER_LIFECYCLE_FIELDS
-    and, pinned (callsessiond on CPU 1, the load generator on CPU 0), each CPU's busy
+def lifecycle_rounds(data, rounds, pinned=False, stores=STORES, envs=None):
+    """Alternating rounds of the lifecycle scenario on each of stores (name:
+    flags; envs: name: more environment for that server); returns each store's
+    loadgen reports, with
+    the server's CPU per lifecycle, PER_LIFECYCLE_FIELDS and, pinned
+    (callsessiond on CPU 1, the load generator on CPU 0), each CPU's busy
     share."""
-    runs = {name: [] for name in STORES}
+    runs = {name: [] for name in stores}
     for _ in range(rounds):
-        for name in STORES:
-            server = durable_server(data, name, cpu=1 if pinned else None)
+        for name in stores:
+            server = durable_server(data, name, stores=stores, cpu=1 if pinned else None,
+                                    env=(envs or {}).get(name))
             try:
                 pid = server.process.pid
                 bytes_before = written_bytes(pid)
@@ -595,6 +606,58 @@ def durability():
                      "data_dir_bytes_after_drain": size_drained,
                      "data_dir_bytes_10s_after_drain": size_drained_later,
                      "data_dir_bytes_after_stop": size_stopped}
+    run(["rm", "-rf", data])
+
+
+# --- 5b. what a sync costs ----------------------------------------------------
+
+SYNC_SHIM_WAITS_US = (0, 40, 100)
+
+
+def sync_shim_env(wait_us):
+    return {"LD_PRELOAD": os.path.abspath(f"{BUILD}/tests/bench/libfdatasync_shim.so"),
+            "CALLSESSION_BENCH_SYNC_WAIT_US": str(wait_us)}
+
+
+def sync_shim_latency(wait_us, count=300):
+    """The shim's fdatasync() as one idle thread sees it: p50/p99 in us."""
+    probe = ("import json, os, time\n"
+             "fd = os.open(os.devnull, os.O_WRONLY)\n"
+             "samples = []\n"
+             f"for _ in range({count}):\n"
+             "    start = time.perf_counter()\n"
+             "    os.fdatasync(fd)\n"
+             "    samples.append((time.perf_counter() - start) * 1e6)\n"
+             "samples.sort()\n"
+             "print(json.dumps({'p50_us': samples[len(samples) // 2],\n"
+             "                  'p99_us': samples[int(len(samples) * 0.99)]}))\n")
+    out = run([sys.executable, "-c", probe], env={**os.environ, **sync_shim_env(wait_us)})
+    return json.loads(out.stdout)
+
+
+def sync_cost():
+    c = results["sync_cost"]
+    data = tempfile.mkdtemp(prefix="sync-cost-", dir=OUT)
+    c["fsync"] = fsync_latency(data)
+    stores = {"memory": STORES["memory"], "rocksdb-sync": STORES["rocksdb-sync"]}
+    envs, c["shim_latency"] = {}, {}
+    for wait_us in SYNC_SHIM_WAITS_US:
+        name = f"sync-shim-wait-{wait_us}us"
+        stores[name], envs[name] = STORES["rocksdb-sync"], sync_shim_env(wait_us)
+        c["shim_latency"][name] = sync_shim_latency(wait_us)
+    stores["rocksdb-nosync"] = STORES["rocksdb-nosync"]
+    log(f"what a sync costs: loadgen lifecycle, {CONCURRENCY} in flight, on "
+        f"{', '.join(stores)}, alternating; shims' fdatasync: {c['shim_latency']}")
+    c["rounds"] = max(REPEATS, 5) if not QUICK else 1
+    runs = lifecycle_rounds(data, c["rounds"], stores=stores, envs=envs)
+    c["lifecycle"] = {}
+    for name, reports in runs.items():
+        summary = {"lifecycles_per_second": median_rate(reports),
+                   "runs": [r["lifecycles_per_second"] for r in reports],
+                   "ratio": ratio_to_memory(reports, runs["memory"]),
+                   "journal_syncs_per_lifecycle": statistics.median(
+                       r["journal_syncs_per_lifecycle"] for r in reports)}
+        c["lifecycle"][name] = with_capacity(summary, reports, runs["memory"])
     run(["rm", "-rf", data])
 
 
@@ -853,6 +916,11 @@ def durability_targets(t):
         r = d["recovery"]
         t[f"recovery of {r['calls']} live calls, seconds <= 5"] = r["recovered"]["seconds"]
         t["RSS after recovery / before the kill <= 1.1"] = r["rss_ratio"]
+    c = results["sync_cost"]
+    if c:
+        for name, l in c["lifecycle"].items():
+            if name.startswith("sync-shim-"):
+                t[f"lifecycle, --sync=true with {name} (no I/O) vs memory (reported)"] = l["ratio"]
     results["targets"] = t
 
 
@@ -975,6 +1043,8 @@ def durability_and_targets(r, lines):
                   f"| {mib(rec['data_dir_bytes_live'])} | {mib(rec['data_dir_bytes_after_drain'])} "
                   f"| {mib(rec['data_dir_bytes_10s_after_drain'])} | "
                   f"{mib(rec['data_dir_bytes_after_stop'])} |"]
+    if r["sync_cost"]:
+        lines += sync_cost_table(r["sync_cost"])
     tn = r["tenants"]
     if tn:
         lines += ["", "### Tenants", "",
@@ -988,12 +1058,32 @@ def durability_and_targets(r, lines):
     return "\n".join(lines) + "\n"
 
 
+def sync_cost_table(c):
+    shims = "; ".join(f"{name.removeprefix('sync-shim-')} p50 {latency['p50_us']:.0f} us"
+                      for name, latency in c["shim_latency"].items())
+    rounds = f"{c['rounds']} alternating round{'s' if c['rounds'] != 1 else ''}"
+    lines = ["", "### What a sync costs", "",
+             f"Lifecycle, {CONCURRENCY} in flight, medians of {rounds} (the ratio: of the "
+             f"per-round ratios to memory). fdatasync of a 512-byte append: p50 "
+             f"{c['fsync']['p50_us']:.0f} us, p99 {c['fsync']['p99_us']:.0f} us. The shim's "
+             f"fdatasync (no I/O): {shims}.", "",
+             "| store | lifecycles/s | vs memory | server CPU us per lifecycle | capacity vs "
+             "memory | lifecycles per sync |", "|---|---:|---:|---:|---:|---:|"]
+    for name, l in c["lifecycle"].items():
+        syncs = l["journal_syncs_per_lifecycle"]
+        lines.append(f"| {name} | {l['lifecycles_per_second']:,.0f} | {l['ratio']:.2f} | "
+                     f"{l['server_cpu_us_per_lifecycle']:.1f} | {l['capacity_ratio']:.2f} | "
+                     f"{f'{1 / syncs:.1f}' if syncs else ''} |")
+    return lines
+
+
 def main():
     results["machine"] = machine()
     results["quick"] = QUICK
     for section, run_section in (("micro", microbenchmarks), ("transport", transport_and_redis),
                                  ("loadgen", loadgen_scenarios), ("memory", memory),
-                                 ("durability", durability), ("tenants", tenants), ("ha", ha)):
+                                 ("durability", durability), ("sync-cost", sync_cost),
+                                 ("tenants", tenants), ("ha", ha)):
         if section in ONLY:
             run_section()
     targets()
