@@ -1,16 +1,20 @@
 // A RocksDB file system, for tests, whose write-ahead-log syncs can be held
 // open (until released) or made to fail, and whose memtable flushes can be
-// held: the journal's durability contract seen from the disk's side.
+// held: the journal's durability contract seen from the disk's side. It also
+// keeps, per WAL file, how far a completed sync covers it: what a power cut
+// would leave of the log (SyncedWalSizes).
 #ifndef CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 #define CALLSESSION_TESTS_SYNC_FAULT_FS_H_
 
 #include <pthread.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "rocksdb/env.h"
@@ -63,6 +67,16 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
     absl::MutexLock lock(&mu_);
     return syncs_;
   }
+  // Per WAL file (by file name, without directory): the bytes a completed
+  // sync covers. A sync covers what was appended before it began, so after
+  // a power cut the log holds at least this much; an acknowledgement that
+  // waited for its sync is within it.
+  absl::flat_hash_map<std::string, uint64_t> SyncedWalSizes() {
+    absl::MutexLock lock(&mu_);
+    absl::flat_hash_map<std::string, uint64_t> synced;
+    for (const auto& [name, sizes] : wal_sizes_) synced[name] = sizes.synced;
+    return synced;
+  }
   // The name (pthread_setname_np) of the thread that last began a sync.
   std::string last_syncing_thread() {
     absl::MutexLock lock(&mu_);
@@ -81,30 +95,76 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
     }
     rocksdb::IOStatus status = target()->NewWritableFile(name, options, result, debug);
     if (status.ok() && absl::EndsWith(name, ".log")) {
-      *result = std::make_unique<WalFile>(std::move(*result), this);
+      const std::string base = name.substr(name.find_last_of('/') + 1);
+      {
+        absl::MutexLock lock(&mu_);
+        wal_sizes_[base] = WalSizes{};
+      }
+      *result = std::make_unique<WalFile>(std::move(*result), this, base);
     }
     return status;
   }
 
  private:
+  struct WalSizes {
+    uint64_t appended = 0;
+    uint64_t synced = 0;
+  };
+
   class WalFile final : public rocksdb::FSWritableFileOwnerWrapper {
    public:
-    WalFile(std::unique_ptr<rocksdb::FSWritableFile> file, SyncFaultFileSystem* fs)
-        : FSWritableFileOwnerWrapper(std::move(file)), fs_(*fs) {}
+    WalFile(std::unique_ptr<rocksdb::FSWritableFile> file, SyncFaultFileSystem* fs,
+            std::string name)
+        : FSWritableFileOwnerWrapper(std::move(file)), fs_(*fs), name_(std::move(name)) {}
+    rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
+                             rocksdb::IODebugContext* debug) override {
+      rocksdb::IOStatus status = target()->Append(data, options, debug);
+      if (status.ok()) fs_.Appended(name_, data.size());
+      return status;
+    }
+    rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
+                             const rocksdb::DataVerificationInfo& verification,
+                             rocksdb::IODebugContext* debug) override {
+      rocksdb::IOStatus status = target()->Append(data, options, verification, debug);
+      if (status.ok()) fs_.Appended(name_, data.size());
+      return status;
+    }
     rocksdb::IOStatus Sync(const rocksdb::IOOptions& options,
                            rocksdb::IODebugContext* debug) override {
-      if (rocksdb::IOStatus status = fs_.BeforeSync(); !status.ok()) return status;
-      return target()->Sync(options, debug);
+      return SyncWith([&] { return target()->Sync(options, debug); });
     }
     rocksdb::IOStatus Fsync(const rocksdb::IOOptions& options,
                             rocksdb::IODebugContext* debug) override {
-      if (rocksdb::IOStatus status = fs_.BeforeSync(); !status.ok()) return status;
-      return target()->Fsync(options, debug);
+      return SyncWith([&] { return target()->Fsync(options, debug); });
     }
 
    private:
+    template <typename SyncFn>
+    rocksdb::IOStatus SyncWith(SyncFn sync) {
+      if (rocksdb::IOStatus status = fs_.BeforeSync(); !status.ok()) return status;
+      const uint64_t covered = fs_.AppendedSize(name_);
+      rocksdb::IOStatus status = sync();
+      if (status.ok()) fs_.Synced(name_, covered);
+      return status;
+    }
+
     SyncFaultFileSystem& fs_;
+    const std::string name_;
   };
+
+  void Appended(const std::string& name, uint64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    wal_sizes_[name].appended += bytes;
+  }
+  uint64_t AppendedSize(const std::string& name) {
+    absl::MutexLock lock(&mu_);
+    return wal_sizes_[name].appended;
+  }
+  void Synced(const std::string& name, uint64_t covered) {
+    absl::MutexLock lock(&mu_);
+    WalSizes& sizes = wal_sizes_[name];
+    if (covered > sizes.synced) sizes.synced = covered;
+  }
 
   rocksdb::IOStatus BeforeSync() {
     char name[16] = {};
@@ -128,6 +188,7 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   int syncs_ ABSL_GUARDED_BY(mu_) = 0;
   std::string last_syncing_thread_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, WalSizes> wal_sizes_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace callsession
