@@ -222,6 +222,18 @@ class DurabilityTest : public ::testing::Test {
     cut = true;
     PowerCut result;
     result.token = app.token();
+    CopyAsThePowerCutLeavesIt(copy, result);
+    fs_->Release();
+    for (std::thread& worker : workers) worker.join();
+    for (const auto& calls : progress) {
+      result.calls.insert(result.calls.end(), calls.begin(), calls.end());
+    }
+    return result;
+  }
+
+  // Copies the data directory as a power cut now would leave it (see
+  // LoadAndCutThePower), adding the WAL bytes kept and dropped to `cut`.
+  void CopyAsThePowerCutLeavesIt(const std::string& copy, PowerCut& cut) {
     const absl::flat_hash_map<std::string, uint64_t> synced = fs_->SyncedWalSizes();
     std::filesystem::create_directories(copy);
     for (const auto& entry : std::filesystem::directory_iterator(data_dir_)) {
@@ -240,15 +252,9 @@ class DurabilityTest : public ::testing::Test {
           std::min<uint64_t>(it == synced.end() ? 0 : it->second, written.size());
       const uint64_t kept = kept_synced + (written.size() - kept_synced) / 2;
       std::ofstream(to, std::ios::binary).write(written.data(), static_cast<std::streamsize>(kept));
-      result.wal_bytes_synced += kept_synced;
-      result.wal_bytes_dropped += written.size() - kept_synced;
+      cut.wal_bytes_synced += kept_synced;
+      cut.wal_bytes_dropped += written.size() - kept_synced;
     }
-    fs_->Release();
-    for (std::thread& worker : workers) worker.join();
-    for (const auto& calls : progress) {
-      result.calls.insert(result.calls.end(), calls.begin(), calls.end());
-    }
-    return result;
   }
 
   static std::string Describe(const PowerCut& cut) {

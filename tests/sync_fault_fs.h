@@ -118,16 +118,12 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
         : FSWritableFileOwnerWrapper(std::move(file)), fs_(*fs), name_(std::move(name)) {}
     rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
                              rocksdb::IODebugContext* debug) override {
-      rocksdb::IOStatus status = target()->Append(data, options, debug);
-      if (status.ok()) fs_.Appended(name_, data.size());
-      return status;
+      return Counted(target()->Append(data, options, debug), data.size());
     }
     rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
                              const rocksdb::DataVerificationInfo& verification,
                              rocksdb::IODebugContext* debug) override {
-      rocksdb::IOStatus status = target()->Append(data, options, verification, debug);
-      if (status.ok()) fs_.Appended(name_, data.size());
-      return status;
+      return Counted(target()->Append(data, options, verification, debug), data.size());
     }
     rocksdb::IOStatus Sync(const rocksdb::IOOptions& options,
                            rocksdb::IODebugContext* debug) override {
@@ -139,6 +135,10 @@ class SyncFaultFileSystem final : public rocksdb::FileSystemWrapper {
     }
 
    private:
+    rocksdb::IOStatus Counted(rocksdb::IOStatus status, uint64_t bytes) {
+      if (status.ok()) fs_.Appended(name_, bytes);
+      return status;
+    }
     template <typename SyncFn>
     rocksdb::IOStatus SyncWith(SyncFn sync) {
       if (rocksdb::IOStatus status = fs_.BeforeSync(); !status.ok()) return status;
